@@ -1,0 +1,5 @@
+"""Data layer: datalists and splits, converters, validation, volume pipeline, slice sampling, demo data.
+
+Submodules are imported explicitly (``from monai_ssl.data.datalist import ...``) so that the torch-free
+parts stay cheap to import.
+"""

@@ -1,0 +1,1 @@
+"""The semi-supervised trainer (a MONAI/ignite engine) and its evaluator."""

@@ -1,0 +1,1 @@
+"""Pluggable loss terms for the semi-supervised trainer."""

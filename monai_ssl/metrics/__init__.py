@@ -1,0 +1,1 @@
+"""Per-volume, per-class segmentation metrics in millimetres, and evaluation reports."""
