@@ -15,6 +15,7 @@ from typing import Any
 
 from monai_ssl.data.converters import convert_acdc, convert_synapse, resplit_datalist
 from monai_ssl.data.datalist import GROUPS, DatalistError, load_datalist
+from monai_ssl.data.validation import main_validate
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main", "count_or_ids", "summary"]
 
@@ -26,7 +27,7 @@ class Command:
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], None]
+    run: Callable[[argparse.Namespace], int | None]
 
 
 def count_or_ids(text: str) -> int | list[str]:
@@ -101,6 +102,15 @@ def _run_split(args: argparse.Namespace) -> None:
     print(summary(resplit_datalist(load_datalist(args.datalist), args.out, **_split_kwargs(args))))
 
 
+def _add_validate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("datalist", help="datalist JSON to check")
+    parser.add_argument("--header-only", action="store_true", help="check headers and geometry, not voxel values")
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    return main_validate(args.datalist, header_only=args.header_only)
+
+
 COMMANDS: list[Command] = [
     Command("convert-acdc", "write a datalist for an ACDC cardiac MR folder", _add_convert_acdc, _run_convert_acdc),
     Command(
@@ -110,6 +120,12 @@ COMMANDS: list[Command] = [
         _run_convert_synapse,
     ),
     Command("split", "re-split an existing datalist's cases by patient", _add_split, _run_split),
+    Command(
+        "validate-datalist",
+        "open every file of a datalist and report every problem (exit 1 if any)",
+        _add_validate,
+        _run_validate,
+    ),
 ]
 
 
@@ -117,7 +133,7 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
     """The top-level parser with one subparser per command."""
     parser = argparse.ArgumentParser(
         prog="python -m monai_ssl.data",
-        description="Dataset tools: convert public datasets to datalists and split them by patient.",
+        description="Dataset tools: convert public datasets to datalists, split them by patient, validate them.",
         epilog="Example: python -m monai_ssl.data convert-acdc --root ACDC/database --out data/acdc.json "
         "--labeled 3 --validation 10 --test 20",
     )
@@ -134,11 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (DatalistError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

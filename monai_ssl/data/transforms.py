@@ -1,0 +1,217 @@
+"""MONAI dictionary transforms for the volume pipeline and for augmented 2D slices with world geometry.
+
+Volumes: load -> channel first -> check -> reorient (RAS) -> resample in-plane (slice axis kept) ->
+normalise (CT window or MR percentiles). Slices: pad/crop to the patch size, flip, rotate/scale, then
+:class:`PixelToWorldd` records where every pixel of the augmented slice sits in the 3D world.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAffined,
+    RandFlipd,
+    RandSpatialCropd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+    Transform,
+)
+
+from monai_ssl.data.validation import (
+    LABEL_KEYS,
+    InputError,
+    check_geometry,
+    check_image_array,
+    check_label_array,
+)
+
+__all__ = [
+    "CheckVolumed",
+    "PixelToWorldd",
+    "volume_transforms",
+    "slice_augmentations",
+    "embed_slice_affine",
+    "IMAGE_KEY",
+    "SLICE_BASE_KEY",
+    "PIXEL_TO_WORLD_KEY",
+]
+
+IMAGE_KEY = "image"
+#: 4x4 voxel->world (RAS) affine of the extracted slice before augmentation, with the slice index folded in
+SLICE_BASE_KEY = "slice_base_affine"
+#: 4x4 pixel->world (RAS) affine of the augmented slice: ``world = M @ [i, j, 0, 1]``
+PIXEL_TO_WORLD_KEY = "pixel_to_world"
+#: axis labels of the project's world frame (RAS, like NIfTI); passed explicitly to ``Orientationd``
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+#: the CT window used by the Synapse literature (abdomen soft tissue)
+DEFAULT_CT_WINDOW = (-125.0, 275.0)
+
+
+def _filename(data: Any) -> str:
+    meta = getattr(data, "meta", {}) or {}
+    return str(meta.get("filename_or_obj", "<in-memory array>"))
+
+
+class CheckVolumed(MapTransform):
+    """Reject a loaded case with a clear error naming the file: wrong dimensionality, NaN/inf intensities,
+    labels outside ``[0, num_classes)`` or label grids that differ from the image grid.
+
+    Apply after ``EnsureChannelFirstd`` and before any resampling, so geometry is compared as stored.
+    """
+
+    def __init__(
+        self,
+        image_key: str = IMAGE_KEY,
+        label_keys: KeysCollection = LABEL_KEYS,
+        num_classes: int | None = None,
+        spatial_dims: int = 3,
+    ):
+        super().__init__([image_key, *label_keys], allow_missing_keys=True)
+        self.image_key, self.label_keys = image_key, tuple(label_keys)
+        self.num_classes, self.spatial_dims = num_classes, spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        name = _filename(image)
+        problems = check_image_array(image, name, self.spatial_dims)
+        for key in self.label_keys:
+            if key not in d:
+                continue
+            label = d[key]
+            problems += check_geometry(
+                name, image.shape[1:], image.affine, _filename(label), label.shape[1:], label.affine
+            )
+            problems += check_label_array(label, _filename(label), self.num_classes)
+        if problems:
+            raise InputError(problems)
+        return d
+
+
+def volume_transforms(
+    modality: str = "MR",
+    pixdim: Sequence[float] = (1.75, 1.75, -1.0),
+    num_classes: int | None = None,
+    axcodes: str = "RAS",
+    ct_window: Sequence[float] = DEFAULT_CT_WINDOW,
+    mr_percentiles: Sequence[float] = (1.0, 99.0),
+    label_keys: KeysCollection = LABEL_KEYS,
+    reader: str | None = None,
+) -> Compose:
+    """Deterministic per-volume preprocessing, meant to be cached by ``CacheDataset``.
+
+    Non-positive ``pixdim`` entries keep the original spacing (default: the slice spacing). ``modality``
+    ``"CT"`` maps the HU window ``ct_window`` to [0, 1]; ``"MR"`` maps the per-volume percentiles to [0, 1].
+    Labels use nearest-neighbour resampling and are stored as uint8.
+    """
+    label_keys = tuple(label_keys)
+    keys = (IMAGE_KEY, *label_keys)
+    if modality.upper() == "CT":
+        normalise = ScaleIntensityRanged(IMAGE_KEY, *ct_window, b_min=0.0, b_max=1.0, clip=True)
+    elif modality.upper() in ("MR", "MRI"):
+        lo, hi = mr_percentiles
+        normalise = ScaleIntensityRangePercentilesd(IMAGE_KEY, lo, hi, b_min=0.0, b_max=1.0, clip=True)
+    else:
+        raise ValueError(f"unknown modality {modality!r}: expected 'CT' or 'MR'")
+    return Compose(
+        [
+            LoadImaged(keys, reader=reader, image_only=True, allow_missing_keys=True),
+            EnsureChannelFirstd(keys, allow_missing_keys=True),
+            CheckVolumed(IMAGE_KEY, label_keys, num_classes),
+            Orientationd(keys, axcodes=axcodes, labels=RAS_LABELS, allow_missing_keys=True),
+            Spacingd(
+                keys,
+                pixdim=pixdim,
+                mode=["bilinear"] + ["nearest"] * len(label_keys),
+                allow_missing_keys=True,
+            ),
+            normalise,
+            CastToTyped(IMAGE_KEY, dtype=np.float32),
+            CastToTyped(label_keys, dtype=np.uint8, allow_missing_keys=True),
+        ]
+    )
+
+
+def slice_augmentations(
+    patch_size: Sequence[int],
+    label_keys: KeysCollection = LABEL_KEYS,
+    flip_prob: float = 0.5,
+    rotate_deg: float = 15.0,
+    scale: float = 0.1,
+    affine_prob: float = 0.5,
+) -> list[Transform]:
+    """In-plane augmentation of a 2D slice: pad, random crop to ``patch_size``, flips, rotation and scaling.
+
+    Every transform here updates the MetaTensor affine, which :class:`PixelToWorldd` turns into the pixel ->
+    world mapping; ``RandZoomd`` is deliberately not used because its affine update is wrong with
+    ``keep_size=True`` (checked by the tests of this module).
+    """
+    keys = (IMAGE_KEY, *label_keys)
+    modes = ["bilinear"] + ["nearest"] * len(tuple(label_keys))
+    out: list[Transform] = [
+        SpatialPadd(keys, spatial_size=patch_size, allow_missing_keys=True),
+        RandSpatialCropd(keys, roi_size=patch_size, random_size=False, allow_missing_keys=True),
+    ]
+    if flip_prob > 0:
+        out += [RandFlipd(keys, prob=flip_prob, spatial_axis=a, allow_missing_keys=True) for a in (0, 1)]
+    if affine_prob > 0 and (rotate_deg > 0 or scale > 0):
+        out.append(
+            RandAffined(
+                keys,
+                prob=affine_prob,
+                rotate_range=np.deg2rad(rotate_deg),
+                scale_range=(scale, scale),
+                mode=modes,
+                padding_mode="zeros",
+                allow_missing_keys=True,
+            )
+        )
+    return out
+
+
+def embed_slice_affine(affine_2d: Any) -> np.ndarray:
+    """Lift a 3x3 in-plane affine (homogeneous 2D) to 4x4, leaving the slice axis untouched."""
+    a = np.asarray(affine_2d, dtype=np.float64)
+    out = np.eye(4)
+    out[:2, :2], out[:2, 3] = a[:2, :2], a[:2, 2]
+    return out
+
+
+class PixelToWorldd(Transform):
+    """Compose the slice's base affine with its in-plane augmentation into ``pixel_to_world`` (4x4, RAS).
+
+    The slice is extracted with an identity 2D affine, so after MONAI's spatial transforms its affine maps
+    augmented pixels to pixels of the original slice; ``pixel_to_world = base @ embed(affine_2d)``. The image
+    and labels then become plain tensors (labels as int64), which batch cheaply.
+    """
+
+    def __init__(self, label_keys: KeysCollection = LABEL_KEYS):
+        self.label_keys = tuple(label_keys)
+        self.to_plain = EnsureTyped([IMAGE_KEY, *self.label_keys], track_meta=False, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[IMAGE_KEY]
+        affine_2d = image.affine if isinstance(image, MetaTensor) else np.eye(3)
+        base = np.asarray(d.pop(SLICE_BASE_KEY), dtype=np.float64)
+        d[PIXEL_TO_WORLD_KEY] = torch.as_tensor(base @ embed_slice_affine(affine_2d), dtype=torch.float64)
+        d = self.to_plain(d)
+        for key in self.label_keys:
+            if key in d:
+                d[key] = d[key].round().long()
+        return d
