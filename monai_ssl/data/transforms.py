@@ -193,10 +193,11 @@ def embed_slice_affine(affine_2d: Any) -> np.ndarray:
 
 
 class PixelToWorldd(Transform):
-    """Compose the slice's base affine with its in-plane augmentation into ``pixel_to_world`` (4x4, RAS).
+    """Record ``pixel_to_world`` (4x4, RAS) of an augmented 2D slice or 3D patch, then drop the metadata.
 
-    The slice is extracted with an identity 2D affine, so after MONAI's spatial transforms its affine maps
-    augmented pixels to pixels of the original slice; ``pixel_to_world = base @ embed(affine_2d)``. The image
+    A slice is extracted with an identity 2D affine, so after MONAI's spatial transforms its affine maps
+    augmented pixels to pixels of the original slice; ``pixel_to_world = base @ embed(affine_2d)``. A 3D
+    patch keeps its MetaTensor voxel->world affine, which becomes ``pixel_to_world`` directly. The image
     and labels then become plain tensors (labels as int64), which batch cheaply.
     """
 
@@ -207,9 +208,12 @@ class PixelToWorldd(Transform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         image = d[IMAGE_KEY]
-        affine_2d = image.affine if isinstance(image, MetaTensor) else np.eye(3)
-        base = np.asarray(d.pop(SLICE_BASE_KEY), dtype=np.float64)
-        d[PIXEL_TO_WORLD_KEY] = torch.as_tensor(base @ embed_slice_affine(affine_2d), dtype=torch.float64)
+        if SLICE_BASE_KEY in d:  # a 2D slice: compose its 3D placement with the in-plane augmentation
+            affine_2d = image.affine if isinstance(image, MetaTensor) else np.eye(3)
+            matrix = np.asarray(d.pop(SLICE_BASE_KEY), dtype=np.float64) @ embed_slice_affine(affine_2d)
+        else:  # a 3D patch: MONAI's spatial transforms already keep its voxel->world affine
+            matrix = np.asarray(image.affine, dtype=np.float64)
+        d[PIXEL_TO_WORLD_KEY] = torch.as_tensor(matrix, dtype=torch.float64)
         d = self.to_plain(d)
         for key in self.label_keys:
             if key in d:

@@ -1,0 +1,219 @@
+"""One MONAI/ignite trainer for every semi-supervised method: one or two students, pluggable loss terms.
+
+Each iteration takes a mixed batch ``{"labeled": ..., "unlabeled": ...}`` (see
+:class:`monai_ssl.data.slices.SemiSupervisedLoader`), runs every student once on the concatenated slices,
+evaluates the loss terms on a shared :class:`~monai_ssl.losses.terms.StepContext`, and steps every
+optimiser. Training is counted in iterations; an ignite "epoch" is just ``iterations_per_epoch`` of them
+(the validation / checkpoint interval).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+from torch.optim import Optimizer
+
+from monai_ssl.losses.terms import LossTerm, StepContext
+
+__all__ = ["SemiSupervisedTrainer", "prepare_mixed_batch", "loss_summary"]
+
+TERMS_KEY = "terms"
+WEIGHTS_KEY = "weights"
+
+
+def _to_device(value: Any, device: torch.device | str, non_blocking: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device, non_blocking) for k, v in value.items()}
+    return value
+
+
+def prepare_mixed_batch(
+    batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs
+) -> dict[str, Any]:
+    """Move every tensor of a mixed batch to ``device``; keep strings and lists as they are."""
+    if not isinstance(batchdata, Mapping) or "labeled" not in batchdata:
+        raise ValueError('a semi-supervised batch must be a dict with a "labeled" entry (and optionally "unlabeled")')
+    return _to_device(batchdata, device or "cpu", non_blocking)
+
+
+def loss_summary(output: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten the trainer output for ``StatsHandler`` / ``TensorBoardStatsHandler``: total loss, every term
+    (unweighted) and every term's current weight (``w_<name>``)."""
+    out = {"loss": float(output[Keys.LOSS])}
+    out.update({k: float(v) for k, v in output.get(TERMS_KEY, {}).items()})
+    out.update({f"w_{k}": float(v) for k, v in output.get(WEIGHTS_KEY, {}).items()})
+    return out
+
+
+class SemiSupervisedTrainer(Trainer):
+    """Semi-supervised trainer over one or two students (UNet-LS, CPS, CTS, CCT-R... as configurations).
+
+    Args:
+        device: torch device.
+        max_iterations: total training iterations.
+        train_data_loader: iterable of mixed batches (endless is fine).
+        networks: the students; each needs ``forward`` and, for feature terms, ``forward_features``.
+        optimizers: one optimiser per student (or one shared by all).
+        loss_terms: the :class:`LossTerm` list that defines the method.
+        iterations_per_epoch: length of an ignite epoch (validation/checkpoint interval); must divide
+            ``max_iterations``. Defaults to ``max_iterations``.
+        prepare_batch: moves a batch to the device.
+        train_handlers: MONAI/ignite handlers (StatsHandler, ValidationHandler, CheckpointSaver, ...).
+        amp: mixed precision; only honoured when CUDA is available, so CPU runs print no AMP warnings.
+        grad_clip: optional max gradient norm per student.
+        key_train_metric, additional_metrics, postprocessing, decollate, event_names, to_kwargs, amp_kwargs:
+            as in :class:`monai.engines.Trainer`. ``decollate`` defaults to False because outputs are scalars.
+
+    ``engine.state.output`` holds ``image``/``label``/``pred`` (labelled slices; ``pred`` is the students'
+    mean logits), ``loss`` (weighted total), ``terms`` (each term, unweighted) and ``weights``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_iterations: int,
+        train_data_loader: Any,
+        networks: Sequence[nn.Module],
+        optimizers: Sequence[Optimizer] | Optimizer,
+        loss_terms: Sequence[LossTerm],
+        iterations_per_epoch: int | None = None,
+        prepare_batch: Callable = prepare_mixed_batch,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        grad_clip: float | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        postprocessing: Callable | None = None,
+        decollate: bool = False,
+        event_names: list | None = None,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+        optim_set_to_none: bool = True,
+    ):
+        networks = list(networks) if isinstance(networks, Sequence) else [networks]
+        optimizers = list(optimizers) if isinstance(optimizers, Sequence) else [optimizers]
+        iterations_per_epoch = iterations_per_epoch or max_iterations
+        if max_iterations % iterations_per_epoch:
+            raise ValueError(
+                f"iterations_per_epoch ({iterations_per_epoch}) must divide max_iterations ({max_iterations})"
+            )
+        if not networks:
+            raise ValueError("at least one network is needed")
+        if len(optimizers) not in (1, len(networks)):
+            raise ValueError(f"give one optimiser per network ({len(networks)}) or one shared optimiser")
+        for term in loss_terms:
+            if len(networks) < term.min_students:
+                raise ValueError(f"loss term {term.name!r} needs {term.min_students} students, got {len(networks)}")
+        names = [t.name for t in loss_terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"loss term names must be unique, got {names}")
+        super().__init__(
+            device=device,
+            max_epochs=max_iterations // iterations_per_epoch,
+            data_loader=train_data_loader,
+            epoch_length=iterations_per_epoch,
+            prepare_batch=prepare_batch,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            handlers=train_handlers,
+            postprocessing=postprocessing,
+            amp=bool(amp) and torch.cuda.is_available(),
+            event_names=event_names,
+            decollate=decollate,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+        )
+        self.networks = nn.ModuleList(networks)
+        self.optimizers = optimizers
+        self.loss_terms = nn.ModuleList(loss_terms)
+        self.max_iterations = max_iterations
+        self.grad_clip = grad_clip
+        self.optim_set_to_none = optim_set_to_none
+        self.needs_features = any(t.needs_features for t in loss_terms)
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train; the AMP grad scaler is created with the non-deprecated ``torch.amp`` API."""
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        super(Trainer, self).run()
+
+    def _forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]] | None]:
+        logits, features = [], []
+        for net in self.networks:
+            if self.needs_features:
+                out, feats = net.forward_features(x)
+                features.append(feats)
+            else:
+                out = net(x)
+            logits.append(out)
+        return logits, (features if self.needs_features else None)
+
+    def _iteration(self, engine: SemiSupervisedTrainer, batchdata: Mapping[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
+        n_l = labeled[Keys.IMAGE].shape[0]
+        x = labeled[Keys.IMAGE] if unlabeled is None else torch.cat([labeled[Keys.IMAGE], unlabeled[Keys.IMAGE]])
+        engine.state.output = {Keys.IMAGE: labeled[Keys.IMAGE], Keys.LABEL: labeled.get(Keys.LABEL)}
+        engine.networks.train()
+        iteration = engine.state.iteration - 1
+        autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext()
+        with autocast:
+            logits, features = engine._forward(x)
+            ctx = StepContext(
+                iteration=iteration,
+                max_iterations=engine.max_iterations,
+                labeled=labeled,
+                unlabeled=unlabeled,
+                logits_l=[o[:n_l] for o in logits],
+                logits_u=[o[n_l:] for o in logits],
+                features_l=None if features is None else [[f[:n_l] for f in fs] for fs in features],
+                features_u=None if features is None else [[f[n_l:] for f in fs] for fs in features],
+            )
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            total = x.new_zeros(())
+            values, weights = {}, {}
+            for term in engine.loss_terms:
+                if term.needs_unlabeled and (unlabeled is None or unlabeled[Keys.IMAGE].shape[0] == 0):
+                    continue
+                weight = float(term.weight(iteration, engine.max_iterations))
+                value = term(ctx)
+                total = total + weight * value
+                values[term.name], weights[term.name] = value.detach(), weight
+        engine.state.output.update({Keys.LOSS: total.detach(), TERMS_KEY: values, WEIGHTS_KEY: weights})
+        engine.state.output[Keys.PRED] = torch.stack([o.detach() for o in ctx.logits_l]).mean(0)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        for opt in engine.optimizers:
+            opt.zero_grad(set_to_none=engine.optim_set_to_none)
+        if engine.scaler is not None:
+            engine.scaler.scale(total).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for opt in engine.optimizers:
+                engine.scaler.unscale_(opt)
+            engine._clip()
+            for opt in engine.optimizers:
+                engine.scaler.step(opt)
+            engine.scaler.update()
+        else:
+            total.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine._clip()
+            for opt in engine.optimizers:
+                opt.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _clip(self) -> None:
+        if self.grad_clip is not None:
+            for net in self.networks:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), self.grad_clip)

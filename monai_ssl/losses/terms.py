@@ -1,0 +1,128 @@
+"""Pluggable loss terms of the semi-supervised trainer.
+
+A term is an ``nn.Module`` that reads one :class:`StepContext` (the batch and every student's outputs) and
+returns an unweighted scalar; the trainer multiplies it by ``term.weight(iteration, max_iterations)`` and
+logs both under ``term.name``. Methods are lists of terms: UNet-LS is ``[SupervisedTerm]``, CPS and CTS are
+``[SupervisedTerm, CrossPseudoTerm]`` over two U-Nets or a U-Net and a transformer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.losses import DiceCELoss, DiceLoss
+
+from monai_ssl.losses.schedules import GaussianRampUp, WeightSchedule, as_schedule
+
+__all__ = ["StepContext", "LossTerm", "SupervisedTerm", "CrossPseudoTerm"]
+
+
+@dataclass
+class StepContext:
+    """Everything a loss term may read in one training iteration.
+
+    ``logits_l[k]`` / ``logits_u[k]`` are student ``k``'s logits on the labelled / unlabelled slices;
+    ``features_l[k]`` / ``features_u[k]`` its decoder features (coarsest first) when a term asked for them.
+    ``cache`` lets terms share derived tensors (e.g. pseudo-labels) within the iteration.
+    """
+
+    iteration: int
+    max_iterations: int
+    labeled: dict[str, Any]
+    unlabeled: dict[str, Any] | None
+    logits_l: list[torch.Tensor]
+    logits_u: list[torch.Tensor]
+    features_l: list[list[torch.Tensor]] | None = None
+    features_u: list[list[torch.Tensor]] | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_students(self) -> int:
+        return len(self.logits_l)
+
+    def pseudo_labels(self, student: int) -> torch.Tensor:
+        """Hard pseudo-labels ``(B, 1, ...)`` of one student on the unlabelled slices, without gradient."""
+        key = f"pseudo_{student}"
+        if key not in self.cache:
+            self.cache[key] = self.logits_u[student].detach().argmax(dim=1, keepdim=True)
+        return self.cache[key]
+
+
+class LossTerm(nn.Module):
+    """Base class: a named, weighted loss. Subclasses implement ``forward(ctx) -> scalar``.
+
+    Class attributes tell the trainer what the term needs: ``needs_features`` (decoder features),
+    ``needs_unlabeled`` (skip the term on a batch without unlabelled slices) and ``min_students``.
+    """
+
+    needs_features = False
+    needs_unlabeled = False
+    min_students = 1
+
+    def __init__(self, name: str, weight: float | WeightSchedule = 1.0):
+        super().__init__()
+        self.name = name
+        self.weight = as_schedule(weight)
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, weight={self.weight!r}"
+
+
+class SupervisedTerm(LossTerm):
+    """``lambda_dice * Dice + lambda_ce * CE`` of every student on the labelled slices, summed over students.
+
+    The default ``0.5 * (Dice + CE)`` is the cross-teaching recipe. Dice is computed over the whole batch
+    (``batch=True``) so that classes absent from a single slice do not dominate.
+    """
+
+    def __init__(
+        self,
+        name: str = "sup",
+        weight: float | WeightSchedule = 1.0,
+        lambda_dice: float = 0.5,
+        lambda_ce: float = 0.5,
+        label_key: str = "label",
+    ):
+        super().__init__(name, weight)
+        self.label_key = label_key
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        target = ctx.labeled[self.label_key]
+        return sum(self.loss(logits, target) for logits in ctx.logits_l)
+
+
+class CrossPseudoTerm(LossTerm):
+    """Cross pseudo supervision / cross teaching on unlabelled slices.
+
+    Each student's softmax is pulled towards the other student's argmax, with no gradient through the target:
+    ``Dice(softmax(A), argmax(B)) + Dice(softmax(B), argmax(A))`` (``criterion="dice"``, CTS) or the same with
+    cross-entropy (``criterion="ce"``, the original CPS). The weight defaults to the Gaussian ramp-up
+    ``0.1 * exp(-5 (1 - i/T)^2)``.
+    """
+
+    needs_unlabeled = True
+    min_students = 2
+
+    def __init__(self, name: str = "cps", weight: float | WeightSchedule | None = None, criterion: str = "dice"):
+        super().__init__(name, GaussianRampUp(0.1) if weight is None else weight)
+        if criterion == "dice":
+            self.loss: nn.Module = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
+        elif criterion == "ce":
+            self.loss = nn.CrossEntropyLoss()
+        else:
+            raise ValueError(f"criterion must be 'dice' or 'ce', got {criterion!r}")
+        self.criterion = criterion
+
+    def _one(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, target) if self.criterion == "dice" else self.loss(logits, target[:, 0])
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        a, b = ctx.logits_u[0], ctx.logits_u[1]
+        return self._one(a, ctx.pseudo_labels(1)) + self._one(b, ctx.pseudo_labels(0))
