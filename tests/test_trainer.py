@@ -115,12 +115,12 @@ def build(
         handlers.append(ValidationHandler(validator=evaluator, interval=1, epoch_level=True))
     trainer = SemiSupervisedTrainer(
         device="cpu",
-        max_iterations=max_iterations,
+        max_epochs=max_iterations // interval,
         train_data_loader=loader,
         networks=nets,
         optimizers=opts,
         loss_terms=[SupervisedTerm(), CrossPseudoTerm()],
-        iterations_per_epoch=interval,
+        epoch_length=interval,
         train_handlers=handlers,
     )
     save_dict["trainer"] = trainer
@@ -244,7 +244,30 @@ def test_trainer_rejects_inconsistent_setups(tmp_path):
     opt = torch.optim.AdamW(net.parameters())
     with pytest.raises(ValueError, match="needs 2 students"):
         SemiSupervisedTrainer("cpu", 4, [], [net], [opt], [SupervisedTerm(), CrossPseudoTerm()])
-    with pytest.raises(ValueError, match="must divide"):
-        SemiSupervisedTrainer("cpu", 5, [], [net], [opt], [SupervisedTerm()], iterations_per_epoch=2)
+    with pytest.raises(ValueError, match="must be positive"):
+        SemiSupervisedTrainer("cpu", 5, [], [net], [opt], [SupervisedTerm()], epoch_length=0)
     with pytest.raises(ValueError, match="unique"):
         SemiSupervisedTrainer("cpu", 4, [], [net], [opt], [SupervisedTerm(), SupervisedTerm()])
+
+
+def test_student_optimizers_and_poly_schedulers_checkpoint_as_one_object():
+    from monai_ssl.engines.optim import PolySchedulers, StudentOptimizers
+
+    nets = [FeatureUNet(2, 1, 2, channels=(4, 8)), FeatureUNet(2, 1, 2, channels=(4, 8))]
+    opts = StudentOptimizers(nets)
+    assert [o.param_groups[0]["lr"] for o in opts] == [5e-4, 1e-4]
+    assert opts[0].param_groups[0]["weight_decay"] == 5e-4
+    sched = PolySchedulers(opts, total_iters=10, power=0.9)
+    for _ in range(3):
+        sched.step()
+    assert np.allclose(sched.get_last_lr(), [5e-4 * 0.7**0.9, 1e-4 * 0.7**0.9])
+    fresh_opts = StudentOptimizers(nets)
+    fresh = PolySchedulers(fresh_opts, total_iters=10)
+    fresh.load_state_dict(sched.state_dict())
+    fresh_opts.load_state_dict(opts.state_dict())
+    assert np.allclose(fresh.get_last_lr(), sched.get_last_lr())
+    assert np.allclose([o.param_groups[0]["lr"] for o in fresh_opts], sched.get_last_lr())
+    with pytest.raises(ValueError, match="holds 2 entries"):
+        PolySchedulers(StudentOptimizers(nets[:1]), 10).load_state_dict(sched.state_dict())
+    with pytest.raises(ValueError, match="learning rates"):
+        StudentOptimizers(nets, lrs=[1e-3])

@@ -3,8 +3,8 @@
 Each iteration takes a mixed batch ``{"labeled": ..., "unlabeled": ...}`` (see
 :class:`monai_ssl.data.slices.SemiSupervisedLoader`), runs every student once on the concatenated slices,
 evaluates the loss terms on a shared :class:`~monai_ssl.losses.terms.StepContext`, and steps every
-optimiser. Training is counted in iterations; an ignite "epoch" is just ``iterations_per_epoch`` of them
-(the validation / checkpoint interval).
+optimiser. Training is counted in iterations; an ignite "epoch" is just ``epoch_length`` of them (the
+validation / checkpoint interval), and ``max_epochs * epoch_length`` is the run's length.
 """
 
 from __future__ import annotations
@@ -59,13 +59,12 @@ class SemiSupervisedTrainer(Trainer):
 
     Args:
         device: torch device.
-        max_iterations: total training iterations.
+        max_epochs: number of ignite epochs; training runs ``max_epochs * epoch_length`` iterations.
         train_data_loader: iterable of mixed batches (endless is fine).
         networks: the students; each needs ``forward`` and, for feature terms, ``forward_features``.
         optimizers: one optimiser per student (or one shared by all).
         loss_terms: the :class:`LossTerm` list that defines the method.
-        iterations_per_epoch: length of an ignite epoch (validation/checkpoint interval); must divide
-            ``max_iterations``. Defaults to ``max_iterations``.
+        epoch_length: iterations per ignite epoch (the validation / checkpoint interval).
         prepare_batch: moves a batch to the device.
         train_handlers: MONAI/ignite handlers (StatsHandler, ValidationHandler, CheckpointSaver, ...).
         amp: mixed precision; only honoured when CUDA is available, so CPU runs print no AMP warnings.
@@ -80,12 +79,12 @@ class SemiSupervisedTrainer(Trainer):
     def __init__(
         self,
         device: torch.device | str,
-        max_iterations: int,
+        max_epochs: int,
         train_data_loader: Any,
         networks: Sequence[nn.Module],
         optimizers: Sequence[Optimizer] | Optimizer,
         loss_terms: Sequence[LossTerm],
-        iterations_per_epoch: int | None = None,
+        epoch_length: int = 1,
         prepare_batch: Callable = prepare_mixed_batch,
         train_handlers: Sequence | None = None,
         amp: bool = False,
@@ -101,11 +100,8 @@ class SemiSupervisedTrainer(Trainer):
     ):
         networks = list(networks) if isinstance(networks, Sequence) else [networks]
         optimizers = list(optimizers) if isinstance(optimizers, Sequence) else [optimizers]
-        iterations_per_epoch = iterations_per_epoch or max_iterations
-        if max_iterations % iterations_per_epoch:
-            raise ValueError(
-                f"iterations_per_epoch ({iterations_per_epoch}) must divide max_iterations ({max_iterations})"
-            )
+        if max_epochs < 1 or epoch_length < 1:
+            raise ValueError(f"max_epochs ({max_epochs}) and epoch_length ({epoch_length}) must be positive")
         if not networks:
             raise ValueError("at least one network is needed")
         if len(optimizers) not in (1, len(networks)):
@@ -118,9 +114,9 @@ class SemiSupervisedTrainer(Trainer):
             raise ValueError(f"loss term names must be unique, got {names}")
         super().__init__(
             device=device,
-            max_epochs=max_iterations // iterations_per_epoch,
+            max_epochs=max_epochs,
             data_loader=train_data_loader,
-            epoch_length=iterations_per_epoch,
+            epoch_length=epoch_length,
             prepare_batch=prepare_batch,
             key_metric=key_train_metric,
             additional_metrics=additional_metrics,
@@ -135,7 +131,7 @@ class SemiSupervisedTrainer(Trainer):
         self.networks = nn.ModuleList(networks)
         self.optimizers = optimizers
         self.loss_terms = nn.ModuleList(loss_terms)
-        self.max_iterations = max_iterations
+        self.max_iterations = max_epochs * epoch_length
         self.grad_clip = grad_clip
         self.optim_set_to_none = optim_set_to_none
         self.needs_features = any(t.needs_features for t in loss_terms)

@@ -1,0 +1,59 @@
+"""One optimiser and one poly learning-rate schedule per student, checkpointable as single objects.
+
+Bundles save ``{"model": ..., "optimizer": @optimizers, "scheduler": @schedulers, "trainer": ...}`` with
+MONAI's ``CheckpointSaver``; these containers give that list of optimisers/schedulers the ``state_dict`` /
+``load_state_dict`` pair checkpointing needs, and ``PolySchedulers.step`` lets one ``LrScheduleHandler``
+(``epoch_level=False``) step them all every iteration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn as nn
+from torch.optim import AdamW, Optimizer
+from torch.optim.lr_scheduler import PolynomialLR
+
+__all__ = ["StudentOptimizers", "PolySchedulers"]
+
+
+class _StateList(list):
+    """A list of torch objects that checkpoints as the list of their state dicts."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items": [item.state_dict() for item in self]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        items = state["items"]
+        if len(items) != len(self):
+            raise ValueError(f"checkpoint holds {len(items)} entries, this run has {len(self)}")
+        for item, item_state in zip(self, items, strict=True):
+            item.load_state_dict(item_state)
+
+
+class StudentOptimizers(_StateList):
+    """AdamW per student; ``lrs[k]`` is student ``k``'s learning rate (defaults: 5e-4 CNN, 1e-4 transformer)."""
+
+    def __init__(self, networks: Sequence[nn.Module], lrs: Sequence[float] = (5e-4, 1e-4), weight_decay: float = 5e-4):
+        if len(lrs) < len(networks):
+            raise ValueError(f"{len(networks)} students but only {len(lrs)} learning rates")
+        super().__init__(
+            AdamW(net.parameters(), lr=float(lr), weight_decay=weight_decay)
+            for net, lr in zip(networks, lrs, strict=False)
+        )
+
+
+class PolySchedulers(_StateList):
+    """``lr_i = lr_0 * (1 - i / total_iters) ** power`` for every optimiser, stepped once per iteration."""
+
+    def __init__(self, optimizers: Sequence[Optimizer], total_iters: int, power: float = 0.9):
+        super().__init__(PolynomialLR(opt, total_iters=int(total_iters), power=power) for opt in optimizers)
+
+    def step(self) -> None:
+        for scheduler in self:
+            scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        """Learning rates of every parameter group of every optimiser (for ``LrScheduleHandler(print_lr=True)``)."""
+        return [lr for scheduler in self for lr in scheduler.get_last_lr()]
