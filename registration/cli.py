@@ -1,0 +1,181 @@
+"""``python -m registration {precompute,select,report}``: the offline registration batch job.
+
+Exit codes: 0 everything finished; 1 some pairs/cases failed (listed in the summary); 2 bad input (every
+problem is listed before any work starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from registration.inputs import InputError, load_cases
+from registration.params import KINDS, RegistrationSettings
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("registration")
+
+
+def _common(p: argparse.ArgumentParser, need_datalist: bool) -> None:
+    p.add_argument(
+        "--datalist",
+        required=need_datalist,
+        help="monai-ssl JSON datalist"
+        + ("" if need_datalist else " (default: the one precompute used, from OUT/KIND/cases.json)"),
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder; results go to OUT/KIND/")
+    p.add_argument("--kind", required=True, choices=KINDS, help="affine, or affine followed by a B-spline")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--score",
+        choices=("published", "transform"),
+        default="published",
+        help="cycle score used to choose the atlas: published S = w_rmse*RMSE - w_mi*MI (default) or "
+        "transform-space mean |T_qj(T_jq(x)) - x| in mm",
+    )
+    p.add_argument("--w-rmse", type=float, default=1.0, help="weight of RMSE in S (default 1)")
+    p.add_argument("--w-mi", type=float, default=1.0, help="weight of MI in S (default 1)")
+    p.add_argument(
+        "--label-interp",
+        choices=("nearest", "label_gaussian"),
+        default="nearest",
+        help="interpolation of warped labels (default nearest)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m registration",
+        description="Offline ITK/elastix registration for monai-ssl. Pair (fixed=F, moving=M) stores T_FM, "
+        "which maps F's points to M's and resamples M onto F. See registration/README.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser(
+        "precompute",
+        help="register every ordered pair of training volumes (and eval<->labelled pairs)",
+        description="Register every ordered pair (fixed, moving) of training volumes (labelled + unlabelled), "
+        "both directions independently, plus both directions between each labelled validation/test case and "
+        "each labelled case (for `report`). Finished pairs are skipped, so a killed run can simply be rerun.",
+    )
+    _common(pre, need_datalist=True)
+    pre.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    pre.add_argument("--threads-per-worker", type=int, default=1, help="ITK threads per worker (default 1)")
+    pre.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="per-pair timeout in seconds (default 300 affine, 1800 bspline; not enforced on Dask)",
+    )
+    pre.add_argument(
+        "--grid-mm",
+        type=float,
+        default=None,
+        help="B-spline final grid spacing in mm (default max(20, 2 x largest voxel spacing))",
+    )
+    pre.add_argument("--resolutions", type=int, default=3, help="pyramid levels (default 3)")
+    pre.add_argument("--affine-iterations", type=int, default=256, help="iterations per level, affine (256)")
+    pre.add_argument("--bspline-iterations", type=int, default=150, help="iterations per level, B-spline (150)")
+    pre.add_argument("--samples", type=int, default=2048, help="random spatial samples per iteration (2048)")
+    pre.add_argument("--no-eval", action="store_true", help="skip the validation/test <-> labelled pairs")
+    pre.add_argument(
+        "--fields",
+        action="store_true",
+        help="also write low-resolution RAS displacement fields OUT/KIND/fields/SRC__DST.nii.gz",
+    )
+    pre.add_argument("--field-factor", type=int, default=4, help="in-plane coarsening of the fields (default 4)")
+    dask = pre.add_mutually_exclusive_group()
+    dask.add_argument("--scheduler", default=None, help="Dask scheduler address: run the pairs on that cluster")
+    dask.add_argument("--dask-local", type=int, default=None, metavar="N", help="run on a local Dask cluster of N")
+
+    sel = sub.add_parser(
+        "select",
+        help="best registration selection (brs.json) and registered labels of unlabelled cases",
+        description="For each unlabelled case pick the labelled case with the best cycle score, write every "
+        "score and the choice to OUT/KIND/brs.json and the warped label to OUT/KIND/registered_labels/ID.nii.gz.",
+    )
+    _common(sel, need_datalist=False)
+    _selection(sel)
+
+    rep = sub.add_parser(
+        "report",
+        help="registration-only baseline: per-class Dice/HD95 on labelled validation/test cases",
+        description="Propagate labels to each labelled validation/test case with the same selection and write "
+        "per-class Dice and HD95 (mm) to OUT/KIND/reg_only/per_case.csv and summary.csv.",
+    )
+    _common(rep, need_datalist=False)
+    _selection(rep)
+    return parser
+
+
+def _store(args):
+    from registration.store import RegistrationStore
+
+    store = RegistrationStore(args.out, args.kind)
+    if args.datalist and Path(args.datalist).resolve() != Path(store.datalist).resolve():
+        raise InputError(f"{args.datalist}: OUT/{args.kind} was computed from {store.datalist}; rerun precompute")
+    return store
+
+
+def _how(args):
+    from registration.select import Selection
+
+    return Selection(args.score, args.w_rmse, args.w_mi, args.label_interp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "precompute":
+            from registration.jobs import precompute
+
+            cases = load_cases(args.datalist, include_eval=not args.no_eval)
+            settings = RegistrationSettings(
+                kind=args.kind,
+                grid_mm=args.grid_mm,
+                resolutions=args.resolutions,
+                affine_iterations=args.affine_iterations,
+                bspline_iterations=args.bspline_iterations,
+                samples=args.samples,
+            )
+            summary = precompute(
+                cases,
+                args.out,
+                settings,
+                workers=args.workers,
+                threads=args.threads_per_worker,
+                timeout_s=args.timeout,
+                fields=args.fields,
+                field_factor=args.field_factor,
+                scheduler=args.scheduler,
+                dask_local=args.dask_local,
+                progress=not args.no_progress,
+            )
+            print(summary)
+            return 1 if summary.failed else 0
+        store = _store(args)
+        if args.command == "select":
+            from registration.select import run_select
+
+            result = run_select(store, _how(args), not args.no_progress)
+            for case, entry in result["cases"].items():
+                print(f"{case}: atlas {entry['choice']}")
+            failed = result["failed"]
+        else:
+            from registration.report import run_report
+
+            result = run_report(store, _how(args), not args.no_progress)
+            print(result["summary"].to_string(index=False))
+            failed = result["failed"]
+        for case, why in failed.items():
+            print(f"FAILED {case}: {why}")
+        return 1 if failed else 0
+    except (InputError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
