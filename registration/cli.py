@@ -176,6 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         for case, why in failed.items():
             print(f"FAILED {case}: {why}")
         return 1 if failed else 0
-    except (InputError, FileNotFoundError, ValueError) as e:
+    except (InputError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -81,6 +81,8 @@ def linear_transform_ras(transform: sitk.Transform) -> np.ndarray:
         return total
     if transform.GetName() == "IdentityTransform":
         return np.eye(4)
+    if transform.GetName() == "TranslationTransform":
+        return matrix_offset_ras(np.eye(3).ravel(), transform.GetOffset(), (0.0, 0.0, 0.0))
     if not hasattr(transform, "GetMatrix") or not hasattr(transform, "GetCenter"):
         raise ValueError(f"{transform.GetName()} is not a linear transform; it has no exact 4x4 matrix")
     return matrix_offset_ras(transform.GetMatrix(), transform.GetTranslation(), transform.GetCenter())

@@ -11,9 +11,11 @@ with fallback settings (:meth:`RegistrationSettings.fallback`); if it fails agai
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from registration.inputs import CaseTable
 from registration.pairs import PairTask, is_finished, plan_pairs, read_sidecar, write_sidecar
 from registration.params import RegistrationSettings
 
-__all__ = ["JobSummary", "precompute", "write_manifest", "test_hooks", "HOOKS_ENV"]
+__all__ = ["JobSummary", "precompute", "write_manifest", "hooks_from_env", "HOOKS_ENV"]
 
 log = logging.getLogger("registration")
 HOOKS_ENV = "REGISTRATION_TEST_HOOKS"
@@ -52,7 +54,7 @@ class JobSummary:
         return text + "".join(f"\n  FAILED {stem}: {why}" for stem, why in sorted(self.failed.items()))
 
 
-def test_hooks() -> dict[str, str]:
+def hooks_from_env() -> dict[str, str]:
     """Test hooks from ``REGISTRATION_TEST_HOOKS="F__M=crash,A__B=sleep:30"`` (see elastix.run_test_hook)."""
     spec = os.environ.get(HOOKS_ENV, "").strip()
     return dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
@@ -98,6 +100,21 @@ def write_manifest(tasks: list[PairTask], path: Path, groups: dict[str, str]) ->
     return df
 
 
+@contextmanager
+def exclusive(root: Path):
+    """Hold ``root/.lock`` so two jobs never write one folder; the OS releases it when the process dies."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RuntimeError(f"{root}: another precompute job is running on this folder") from e
+        # temporary files left by a killed run (never a finished file) can go now that no one else writes here
+        for tmp in root.glob("*/.tmp-*"):
+            tmp.unlink(missing_ok=True)
+        yield
+
+
 def precompute(
     cases: CaseTable,
     out_dir: str | os.PathLike,
@@ -120,68 +137,80 @@ def precompute(
     root = Path(out_dir) / settings.kind
     pairs_dir = root / "pairs"
     pairs_dir.mkdir(parents=True, exist_ok=True)
-    handler = setup_logging(root / "precompute.log")
-    try:
-        cases.write(root / "cases.json")
-        tasks = plan_pairs(cases.training, cases.evaluation, pairs_dir, settings, test_hooks())
-        todo = [t for t in tasks if not is_finished(t)]
-        summary = JobSummary(total=len(tasks), skipped=len(tasks) - len(todo))
-        log.info(
-            "precompute %s: %d pairs, %d finished, %d to run; settings %s; versions %s",
-            settings.kind,
-            len(tasks),
-            summary.skipped,
-            len(todo),
-            settings,
-            versions(),
-        )
-        bar = tqdm(
-            total=len(tasks), initial=summary.skipped, desc=f"{settings.kind} pairs", unit="pair", disable=not progress
-        )
+    with exclusive(root):
+        handler = setup_logging(root / "precompute.log")
+        try:
+            cases.write(root / "cases.json")
+            tasks = plan_pairs(cases.training, cases.evaluation, pairs_dir, settings, hooks_from_env())
+            todo = [t for t in tasks if not is_finished(t)]
+            summary = JobSummary(total=len(tasks), skipped=len(tasks) - len(todo))
+            log.info(
+                "precompute %s: %d pairs, %d finished, %d to run; %s; workers %d x %d threads; versions %s",
+                settings.kind,
+                len(tasks),
+                summary.skipped,
+                len(todo),
+                settings,
+                workers,
+                threads,
+                versions(),
+            )
+            bar = tqdm(
+                total=len(tasks),
+                initial=summary.skipped,
+                desc=f"{settings.kind} pairs",
+                unit="pair",
+                disable=not progress,
+            )
+            on_result = _result_handler(summary, bar, threads)
+            if scheduler is not None or dask_local:
+                from registration.distributed import run_on_dask
 
-        def on_result(task: PairTask, result: dict[str, Any]) -> PairTask | None:
-            if result["status"] == "ok":
-                log.info("ok %s in %.2f s (attempt %d)", task.stem, result["seconds"], task.attempt)
-                summary.ok += 1
-                bar.update()
-                return None
-            error = result.get("error", "unknown error")
-            log.warning("pair %s failed (attempt %d): %s", task.stem, task.attempt, error)
-            if task.attempt == 1:
-                return replace(task, attempt=2, fallback=True, errors=[error])
-            record = {
-                "status": "failed",
-                "error": error,
-                "previous_errors": task.errors,
-                "attempts": task.attempt,
-                "fallback": task.fallback,
-                "threads": threads,
-                "versions": versions(),
-            }
-            write_sidecar(task, record)
-            summary.failed[task.stem] = " | ".join([*task.errors, error])
+                run_on_dask(todo, on_result, scheduler=scheduler, local_workers=dask_local, threads=threads)
+            else:
+                from registration.pool import PairPool
+
+                PairPool(workers, threads, timeout_s or DEFAULT_TIMEOUT_S[settings.kind]).run(todo, on_result)
+            bar.close()
+            write_manifest(tasks, root / "manifest.csv", {c["case_id"]: c["group"] for c in cases.all})
+            if fields:
+                write_fields(tasks, root, field_factor, progress)
+            summary.seconds = time.perf_counter() - start
+            log.info("summary: %s", summary)
+            return summary
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _result_handler(summary: JobSummary, bar, threads: int):
+    """The per-attempt callback: count successes, retry a first failure with fallback settings, record the rest."""
+
+    def on_result(task: PairTask, result: dict[str, Any]) -> PairTask | None:
+        if result["status"] == "ok":
+            log.info("ok %s in %.2f s (attempt %d)", task.stem, result["seconds"], task.attempt)
+            summary.ok += 1
             bar.update()
             return None
+        error = result.get("error", "unknown error")
+        log.warning("pair %s failed (attempt %d): %s", task.stem, task.attempt, error)
+        if task.attempt == 1:
+            return replace(task, attempt=2, fallback=True, errors=[error])
+        record = {
+            "status": "failed",
+            "error": error,
+            "previous_errors": task.errors,
+            "attempts": task.attempt,
+            "fallback": task.fallback,
+            "threads": threads,
+            "versions": versions(),
+        }
+        write_sidecar(task, record)
+        summary.failed[task.stem] = " | ".join([*task.errors, error])
+        bar.update()
+        return None
 
-        if scheduler is not None or dask_local:
-            from registration.distributed import run_on_dask
-
-            run_on_dask(todo, on_result, scheduler=scheduler, local_workers=dask_local, threads=threads)
-        else:
-            from registration.pool import PairPool
-
-            PairPool(workers, threads, timeout_s or DEFAULT_TIMEOUT_S[settings.kind]).run(todo, on_result)
-        bar.close()
-        groups = {c["case_id"]: c["group"] for c in cases.all}
-        write_manifest(tasks, root / "manifest.csv", groups)
-        if fields:
-            write_fields(tasks, root, field_factor, progress)
-        summary.seconds = time.perf_counter() - start
-        log.info("summary: %s", summary)
-        return summary
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    return on_result
 
 
 def write_fields(tasks: list[PairTask], root: Path, factor: int, progress: bool = True) -> int:
