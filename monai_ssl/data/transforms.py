@@ -142,8 +142,8 @@ def volume_transforms(
             ),
             normalise,
             CastToTyped(IMAGE_KEY, dtype=np.float32),
-            CastToTyped(label_keys, dtype=np.uint8, allow_missing_keys=True),
         ]
+        + ([CastToTyped(label_keys, dtype=np.uint8, allow_missing_keys=True)] if label_keys else [])
     )
 
 

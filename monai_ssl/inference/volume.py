@@ -1,0 +1,191 @@
+"""Volume inference: list and check inputs, preprocess, predict, invert back onto the input's own grid, save.
+
+The preprocessing is :func:`monai_ssl.data.transforms.volume_transforms` without labels (reorient to RAS,
+resample in-plane, normalise); MONAI's ``Invertd`` undoes it on the softmax probabilities, so label maps
+and the optional entropy map are written on the input's own voxel grid, with its affine and header.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTransform
+
+from monai_ssl.data.datalist import GROUPS, load_datalist
+from monai_ssl.data.transforms import IMAGE_KEY, volume_transforms
+from monai_ssl.data.validation import InputError, check_case
+from monai_ssl.fileio import atomic_path
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "case_id_of",
+    "inference_cases",
+    "inference_preprocessing",
+    "inference_postprocessing",
+    "EntropyMapd",
+    "SaveVolumed",
+]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+PRED_KEY = "pred"
+ENTROPY_KEY = "entropy"
+
+
+def case_id_of(path: str | os.PathLike) -> str:
+    """File name without its image suffix (``a/b/case_07.nii.gz`` -> ``case_07``)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def inference_cases(
+    source: str | os.PathLike, groups: Sequence[str] = ("test",), with_labels: bool = False
+) -> list[dict[str, Any]]:
+    """Cases to predict from a folder of volumes, a single volume or a datalist JSON (its ``groups``).
+
+    Every file is checked up front (exists, readable, 3D, label on the image grid) and all problems are raised
+    together as :class:`InputError`. ``with_labels`` keeps each case's label path as ``label_path`` (read only by
+    the evaluation report, never by the network pipeline).
+    """
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"{source}: input not found")
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise InputError(f"{source}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        cases = [{"case_id": case_id_of(p), "image": str(p)} for p in files]
+    elif source.suffix == ".json":
+        dl = load_datalist(source)
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown:
+            raise InputError(f"{source}: unknown group(s) {unknown}")
+        cases = [dict(c) for g in groups for c in dl.get(g, [])]
+        if not cases:
+            raise InputError(f"{source}: no cases in group(s) {list(groups)}")
+    else:
+        cases = [{"case_id": case_id_of(source), "image": str(source)}]
+    ids = [c["case_id"] for c in cases]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{source}: duplicate case ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    problems = []
+    for case in cases:
+        if with_labels and not case.get("label"):
+            problems.append(f"{case['image']}: no label to evaluate against")
+        checked = {k: case[k] for k in ("image", "label") if (k == "image" or with_labels) and case.get(k)}
+        problems += check_case(checked, load_data=False)
+    if problems:
+        raise InputError(problems)
+    out = []
+    for case in cases:
+        item = {"case_id": case["case_id"], IMAGE_KEY: case["image"]}
+        if with_labels:
+            item["label_path"] = case["label"]
+        out.append(item)
+    return out
+
+
+def inference_preprocessing(
+    modality: str = "MR", pixdim: Sequence[float] = (1.75, 1.75, -1.0), **kwargs: Any
+) -> Compose:
+    """The training volume pipeline for images only (invertible by ``Invertd``); ``kwargs`` go to
+    :func:`~monai_ssl.data.transforms.volume_transforms` (``ct_window``, ``mr_percentiles``, ``reader``)."""
+    return volume_transforms(modality=modality, pixdim=pixdim, label_keys=(), **kwargs)
+
+
+class EntropyMapd(MapTransform):
+    """Per-voxel entropy (nats) of class probabilities ``(C, ...)``, stored under ``output_key`` as ``(1, ...)``.
+
+    Applied to the softmax of the averaged students' logits, it is the uncertainty map of the ensemble;
+    its maximum is ``log(C)``.
+    """
+
+    def __init__(self, keys: str = PRED_KEY, output_key: str = ENTROPY_KEY, eps: float = 1e-8):
+        super().__init__(keys)
+        self.output_key, self.eps = output_key, eps
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            p = d[key]
+            d[self.output_key] = -(p * torch.log(p.clamp_min(self.eps))).sum(0, keepdim=True)
+        return d
+
+
+class SaveVolumed(MapTransform):
+    """Write channel-first volumes as NIfTI on the input's grid, atomically, as ``<case_id><suffix>``.
+
+    For a NIfTI input the input's own header is reused (affine, qform/sform codes, units); the volume's affine
+    after ``Invertd`` must agree with it, otherwise the write is refused rather than misplaced.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        output_dir: str | os.PathLike,
+        suffixes: Mapping[str, str] | None = None,
+        dtypes: Mapping[str, Any] | None = None,
+        image_key: str = IMAGE_KEY,
+    ):
+        super().__init__(keys, allow_missing_keys=True)
+        self.output_dir = Path(output_dir)
+        self.suffixes = {PRED_KEY: "_seg.nii.gz", ENTROPY_KEY: "_entropy.nii.gz", **(suffixes or {})}
+        self.dtypes = {PRED_KEY: np.uint8, ENTROPY_KEY: np.float32, **(dtypes or {})}
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        source = str(d[self.image_key].meta.get("filename_or_obj", ""))
+        case_id = d.get("case_id") or case_id_of(source)
+        for key in self.key_iterator(d):
+            vol = d[key]
+            array = np.asarray(vol.detach().cpu())[0].astype(self.dtypes.get(key, np.float32))
+            affine = np.asarray(vol.affine, dtype=np.float64)
+            header = None
+            if source.endswith((".nii", ".nii.gz")):
+                ref = nib.load(source)
+                if ref.shape[:3] != array.shape or not np.allclose(ref.affine, affine, atol=1e-3):
+                    raise RuntimeError(
+                        f"{source}: inverted {key} has shape {array.shape} and affine\n{affine}\n"
+                        f"but the input has {ref.shape} and\n{ref.affine}; not writing a misplaced volume"
+                    )
+                header, affine = ref.header.copy(), ref.affine
+                header.set_data_dtype(array.dtype)
+                header.set_slope_inter(1.0, 0.0)
+            out = self.output_dir / f"{case_id}{self.suffixes.get(key, f'_{key}.nii.gz')}"
+            img = nib.Nifti1Image(array, affine, header=header)
+            if header is None:
+                img.set_qform(affine, code=1)
+                img.set_sform(affine, code=1)
+            with atomic_path(out) as tmp:
+                nib.save(img, tmp)
+            d[f"{key}_path"] = str(out)
+        return d
+
+
+def inference_postprocessing(
+    preprocessing: Compose, output_dir: str | os.PathLike | None = None, uncertainty: bool = False
+) -> Compose:
+    """Softmax -> invert the preprocessing on the probabilities -> (entropy) -> argmax -> (save).
+
+    Probabilities are resampled back (bilinear), then the argmax taken on the input's grid, which is more
+    accurate than resampling a label map.
+    """
+    steps: list = [
+        Activationsd(PRED_KEY, softmax=True),
+        Invertd(PRED_KEY, transform=preprocessing, orig_keys=IMAGE_KEY, nearest_interp=False, to_tensor=True),
+    ]
+    if uncertainty:
+        steps.append(EntropyMapd(PRED_KEY, ENTROPY_KEY))
+    steps.append(AsDiscreted(PRED_KEY, argmax=True))
+    if output_dir is not None:
+        steps.append(SaveVolumed([PRED_KEY, ENTROPY_KEY] if uncertainty else [PRED_KEY], output_dir))
+    return Compose(steps)
