@@ -196,7 +196,8 @@ class CSUNet(UShapedTransformer):
     convolutional token embeddings between levels, :class:`ConvSwinBlock` stages (shifted-window attention
     with depth-wise separable conv Q/K/V, depth-wise separable feed-forward), and the patch-expanding
     decoder with skips of :class:`~monai_ssl.networks.swin_unet.UShapedTransformer`. Padding inside
-    windows is masked out of the attention. Arguments as :class:`~monai_ssl.networks.swin_unet.SwinUNet`.
+    windows is masked out of the attention. Arguments as :class:`~monai_ssl.networks.swin_unet.SwinUNet`
+    (without ``qkv_bias``).
     """
 
     def __init__(
