@@ -7,13 +7,17 @@ points), and the target registration error is ``|T(x) - G(x)|`` over the fixed v
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["phantom", "random_affine", "random_deformation", "known_pair", "resample_to_grid"]
+from monai_ssl.data.datalist import GROUPS, write_datalist
+
+__all__ = ["phantom", "random_affine", "random_deformation", "known_pair", "resample_to_grid", "write_dataset"]
 
 
 def _oblique_direction(angle: float) -> tuple[float, ...]:
@@ -126,3 +130,23 @@ def resample_to_grid(
         0.0,
         image.GetPixelID(),
     )
+
+
+def write_dataset(
+    root: str | os.PathLike,
+    cases: dict[str, tuple[str, sitk.Image, sitk.Image | None]],
+    labels: dict[str, str] | None = None,
+) -> Path:
+    """Write ``{case_id: (group, image, label or None)}`` as NIfTI files plus ``datalist.json``; return its path."""
+    root = Path(root)
+    datalist: dict = {"name": "synthetic", "labels": labels or {}, **{g: [] for g in GROUPS}}
+    for cid, (group, image, label) in cases.items():
+        entry = {"case_id": cid, "image": str(root / "images" / f"{cid}.nii.gz"), "group": group}
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, entry["image"])
+        if label is not None:
+            entry["label"] = str(root / "labels" / f"{cid}.nii.gz")
+            (root / "labels").mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(label, entry["label"])
+        datalist[group].append(entry)
+    return write_datalist(datalist, root / "datalist.json")

@@ -51,9 +51,12 @@ def test_hd95_matches_monai():
         blob = gaussian_filter(rng.random((30, 26, 12)), 3) > 0.5
         other = binary_dilation(np.roll(blob, seed + 1, axis=0), iterations=seed + 1)
         ref = compute_hausdorff_distance(
-            torch.tensor(other[None, None]), torch.tensor(blob[None, None]), include_background=True,
-            percentile=95, spacing=spacing,
-        )  # fmt: skip
+            torch.tensor(other[None, None]),
+            torch.tensor(blob[None, None]),
+            include_background=True,
+            percentile=95,
+            spacing=spacing,
+        )
         assert hd95(other, blob, spacing) == pytest.approx(float(ref), rel=1e-5)
 
 
@@ -68,7 +71,12 @@ def test_segmentation_scores_empty_masks():
     assert rows[1]["status"] == "ok" and rows[1]["dice"] == 1.0 and rows[1]["hd95_mm"] == 0.0
     assert rows[2]["status"] == "both_empty" and np.isnan(rows[2]["dice"]) and np.isnan(rows[2]["hd95_mm"])
     diagonal = np.sqrt(3**2 + 8**2 + 15**2)
-    assert rows[3] == {"class": 3, "class_name": "c", "dice": 0.0, "hd95_mm": pytest.approx(diagonal),
-                       "status": "pred_empty"}  # fmt: skip
+    assert rows[3] == {
+        "class": 3,
+        "class_name": "c",
+        "dice": 0.0,
+        "hd95_mm": pytest.approx(diagonal),
+        "status": "pred_empty",
+    }
     with pytest.raises(ValueError, match="shape"):
         segmentation_scores(pred[:2], gt, (1, 1, 1), [1])

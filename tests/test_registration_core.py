@@ -1,0 +1,194 @@
+"""Registration results in world coordinates: known transforms, map_points vs warp, cycle scores, BRS, report.
+
+Elastix runs in this process (imported once, ~10 s) on tiny synthetic volumes with an oblique direction.
+"""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from registration.cycle import compose, cycle_scores, foreground_mask
+from registration.elastix import register_pair
+from registration.geometry import flip_xy, image_affine_ras
+from registration.inputs import load_cases
+from registration.pairs import PairTask, plan_pairs, write_sidecar
+from registration.params import RegistrationSettings
+from registration.report import run_report
+from registration.select import Selection, run_select
+from registration.store import RegistrationStore
+from registration.synthetic import known_pair, phantom, random_affine, random_deformation, write_dataset
+
+SIZE, SPACING = (32, 32, 14), (1.5, 1.5, 3.0)
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")
+
+
+def _ras_truth(tr: sitk.Transform, pts_ras: np.ndarray) -> np.ndarray:
+    return flip_xy(np.array([tr.TransformPoint(p) for p in flip_xy(pts_ras).tolist()]))
+
+
+def _foreground_ras(image: sitk.Image, n: int = 400, seed: int = 0) -> np.ndarray:
+    idx = np.argwhere(sitk.GetArrayViewFromImage(image) > 50)[:, ::-1]  # (i, j, k)
+    idx = idx[np.random.default_rng(seed).choice(len(idx), min(n, len(idx)), replace=False)]
+    return (image_affine_ras(image) @ np.c_[idx, np.ones(len(idx))].T)[:3].T
+
+
+def _register_all(datalist, out, settings) -> RegistrationStore:
+    cases = load_cases(datalist)
+    root = out / settings.kind
+    cases.write(root / "cases.json")
+    for task in plan_pairs(cases.training, cases.evaluation, root / "pairs", settings):
+        register_pair(task, threads=2)
+    return RegistrationStore(out, settings.kind)
+
+
+@pytest.fixture(scope="module")
+def affine_case(tmp_path_factory):
+    """Moving m (labelled) and fixed f = m resampled through a known affine G (f's points -> m's points)."""
+    root = tmp_path_factory.mktemp("affine")
+    m, m_label = phantom(SIZE, SPACING, seed=1)
+    g = random_affine(m, np.random.default_rng(4))
+    f, _ = known_pair(m, g, m_label)
+    datalist = write_dataset(root, {"m": ("labeled", m, m_label), "f": ("unlabeled", f, None)}, {"0": "bg"})
+    store = _register_all(datalist, root / "out", RegistrationSettings(kind="affine"))
+    return store, g, f
+
+
+def test_known_affine_recovered_in_the_stored_direction(affine_case):
+    store, g, f = affine_case
+    pts = _foreground_ras(f)
+    truth = _ras_truth(g, pts)
+    err = np.linalg.norm(store.map_points("f", "m", pts) - truth, axis=1)
+    assert err.mean() < 0.6, err.mean()  # voxels are 1.5 x 1.5 x 3 mm
+    # the opposite direction is clearly not it: the stored pair (fixed=f, moving=m) maps f -> m
+    wrong = np.linalg.norm(store.map_points("f", "m", pts) - _ras_truth(g.GetInverse(), pts), axis=1)
+    assert wrong.mean() > 3.0
+    # the reverse registration was computed independently and approximates G^-1
+    back = store.map_points("m", "f", truth)
+    assert np.linalg.norm(back - pts, axis=1).mean() < 0.6
+    # pair_affine_ras is the exact 4x4 of the same mapping
+    a = store.pair_affine_ras("f", "m")
+    np.testing.assert_allclose(pts @ a[:3, :3].T + a[:3, 3], store.map_points("f", "m", pts), atol=1e-9)
+    side = store.pair_status("f", "m")
+    assert side["status"] == "ok" and side["threads"] == 2 and side["threader"] == "Pool"
+    assert side["metrics"]["mi_after"] > side["metrics"]["mi_before"]
+    assert store.pair_path("f", "m", ".TransformParameters.0.txt").exists()
+
+
+def test_map_points_agrees_with_warp(affine_case):
+    store, _, _ = affine_case
+    label = sitk.GetArrayFromImage(store.label("m"))
+    blob = int(np.argmax(np.bincount(label.ravel())[2:])) + 2  # the largest inner class
+    idx = np.argwhere(label == blob)[:, ::-1].mean(0)
+    centroid_m = (store.affine_ras("m") @ [*idx, 1])[:3]
+    warped = store.warp("m", onto="f", what="label")  # [i, j, k] on f's grid
+    assert warped.dtype == np.uint8 and set(np.unique(warped)) <= set(np.unique(label))
+    f_affine = nib.load(store.cases["f"]["image"]).affine  # nibabel's own view of f's grid
+    centroid_f = (f_affine @ [*np.argwhere(warped == blob).mean(0), 1])[:3]
+    mapped = store.map_points("m", "f", centroid_m[None])[0]
+    assert np.linalg.norm(mapped - centroid_f) < 0.8, (mapped, centroid_f)
+    with pytest.raises(ValueError, match="nearest"):
+        store.warp("m", onto="f", what="label", interpolation="linear")
+    with pytest.raises(KeyError, match="no label"):
+        store.label("f")
+
+
+def test_cycle_score_near_zero_when_consistent_and_large_when_corrupted(affine_case):
+    store, g, f = affine_case
+    image = store.image("f")
+    exact = cycle_scores(image, g, g.GetInverse())
+    assert exact.transform_mm < 1e-6 and exact.rmse < 1e-4  # resampled once through an identity round trip
+    registered = store.cycle("f", "m")
+    assert registered.transform_mm < 1.0  # two independent registrations, each ~0.15 mm off at the centre
+    shift = sitk.TranslationTransform(3, (4.0, 0.0, 0.0))
+    corrupted = cycle_scores(image, store.transform("f", "m"), compose(store.transform("m", "f"), shift))
+    assert corrupted.transform_mm == pytest.approx(4.0, abs=0.3)
+    assert corrupted.rmse > 3 * registered.rmse and corrupted.mi < registered.mi
+    assert corrupted.score > registered.score > exact.score - 1e-9
+    assert foreground_mask(image).mean() == pytest.approx((sitk.GetArrayViewFromImage(image) > 30).mean(), abs=0.1)
+
+
+def test_bspline_recovers_a_smooth_deformation(tmp_path):
+    m, m_label = phantom(SIZE, SPACING, seed=2)
+    affine = random_affine(m, np.random.default_rng(5), 4, 0.03, 3)
+    g = sitk.CompositeTransform([affine, random_deformation(m, np.random.default_rng(6), 24, 2.0)])
+    f, _ = known_pair(m, g, m_label)
+    datalist = write_dataset(tmp_path, {"m": ("labeled", m, m_label), "f": ("unlabeled", f, None)})
+    settings = RegistrationSettings(kind="bspline", grid_mm=12, bspline_iterations=60, resolutions=2)
+    cases = load_cases(datalist)
+    task = plan_pairs(cases.training, [], tmp_path / "out" / "bspline" / "pairs", settings)[1]
+    assert (task.fixed, task.moving) == ("f", "m")
+    cases.write(tmp_path / "out" / "bspline" / "cases.json")
+    register_pair(task, threads=2)
+    store = RegistrationStore(tmp_path / "out", "bspline")
+    pts = _foreground_ras(f)
+    truth = _ras_truth(g, pts)
+    before = np.linalg.norm(pts - truth, axis=1).mean()
+    err = np.linalg.norm(store.map_points("f", "m", pts) - truth, axis=1).mean()
+    assert err < 0.35 * before and err < 1.0, (err, before)
+    assert len(store.pair_status("f", "m")["parameter_files"]) == 2
+    with pytest.raises(ValueError, match="not a linear"):
+        store.pair_affine_ras("f", "m")
+
+
+def _put(root, fixed, moving, transform, settings):
+    task = PairTask(fixed, moving, "", "", str(root / "pairs"), settings)
+    task.transform_path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteTransform(transform, str(task.transform_path))
+    write_sidecar(task, {"status": "ok"})
+
+
+def test_brs_picks_the_consistent_atlas_and_report_scores_it(tmp_path):
+    """Atlases 'good' and 'bad' are both u moved by known affines; only bad's stored pair is inconsistent."""
+    u, u_label = phantom(SIZE, SPACING, seed=3)
+    rng = np.random.default_rng(7)
+    g_good, g_bad, g_eval = (random_affine(u, rng) for _ in range(3))  # atlas points -> u points
+    good, good_label = known_pair(u, g_good, u_label)
+    bad, bad_label = known_pair(u, g_bad, u_label)
+    ev, ev_label = known_pair(u, g_eval, u_label)
+    datalist = write_dataset(
+        tmp_path,
+        {
+            "good": ("labeled", good, good_label),
+            "bad": ("labeled", bad, bad_label),
+            "u": ("unlabeled", u, None),
+            "e": ("validation", ev, ev_label),
+        },
+        {"0": "background", "1": "body", "2": "a", "3": "b"},
+    )
+    settings = RegistrationSettings()
+    root = tmp_path / "out" / "affine"
+    load_cases(datalist).write(root / "cases.json")
+    nudge = sitk.Euler3DTransform((0, 0, 0), 0.0, 0.0, 0.12, (3.0, 0.0, 0.0))
+    _put(root, "good", "u", g_good, settings)
+    _put(root, "u", "good", g_good.GetInverse(), settings)
+    _put(root, "bad", "u", g_bad, settings)
+    _put(root, "u", "bad", compose(g_bad.GetInverse(), nudge), settings)  # inconsistent round trip
+    for name, g in (("good", g_good), ("bad", g_bad)):  # e -> atlas = (atlas -> u)^-1 after (e -> u)
+        _put(root, "e", name, compose(g_eval, g.GetInverse()), settings)
+        _put(root, name, "e", compose(g, g_eval.GetInverse()), settings)
+    store = RegistrationStore(tmp_path / "out", "affine")
+    for score in ("published", "transform"):
+        brs = run_select(store, Selection(score=score), progress=False)
+        entry = brs["cases"]["u"]
+        assert entry["choice"] == "good" and entry["choice_published"] == entry["choice_transform"] == "good"
+        assert entry["scores"]["bad"]["transform_mm"] > 2.0 > 0.01 > entry["scores"]["good"]["transform_mm"]
+    assert json.loads((root / "brs.json").read_text())["cases"]["u"]["choice"] == "good"
+    written = nib.load(store.registered_label_path("u"))
+    np.testing.assert_allclose(written.affine, nib.load(store.cases["u"]["image"]).affine, atol=1e-5)
+    truth = sitk.GetArrayFromImage(u_label).transpose(2, 1, 0)
+    assert (np.asarray(written.dataobj) == truth).mean() > 0.95
+    # registration-only baseline on the labelled validation case
+    result = run_report(store, Selection(), progress=False)
+    per_case = pd.read_csv(root / "reg_only" / "per_case.csv")
+    assert set(per_case["atlas"]) == {"good"} and set(per_case["class_name"]) == {"body", "a", "b"}
+    # two nearest-neighbour resamplings on 3 mm slices: small classes lose some overlap
+    assert (per_case["dice"] > 0.65).all() and (per_case["status"] == "ok").all()
+    assert per_case.set_index("class_name").loc["body", "dice"] > 0.9
+    summary = pd.read_csv(root / "reg_only" / "summary.csv")
+    assert summary.iloc[-1]["class_name"] == "mean"
+    assert summary.iloc[-1]["dice_mean"] == pytest.approx(per_case["dice"].mean())
+    assert not result["failed"]
