@@ -8,7 +8,7 @@ MONAI's ``CheckpointSaver``; these containers give that list of optimisers/sched
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch.nn as nn
@@ -18,17 +18,33 @@ from torch.optim.lr_scheduler import PolynomialLR
 __all__ = ["StudentOptimizers", "PolySchedulers"]
 
 
-class _StateList(list):
-    """A list of torch objects that checkpoints as the list of their state dicts."""
+class _StateList:
+    """A group of torch objects that checkpoints as the list of their state dicts.
+
+    Deliberately not a ``Sequence``: ignite's checkpointing walks into sequences and would rebuild this
+    one item by item; as a single object with ``state_dict`` it is saved and loaded whole.
+    """
+
+    def __init__(self, items: Iterable[Any]):
+        self.items = list(items)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"items": [item.state_dict() for item in self]}
+        return {"items": [item.state_dict() for item in self.items]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         items = state["items"]
-        if len(items) != len(self):
-            raise ValueError(f"checkpoint holds {len(items)} entries, this run has {len(self)}")
-        for item, item_state in zip(self, items, strict=True):
+        if len(items) != len(self.items):
+            raise ValueError(f"checkpoint holds {len(items)} entries, this run has {len(self.items)}")
+        for item, item_state in zip(self.items, items, strict=True):
             item.load_state_dict(item_state)
 
 

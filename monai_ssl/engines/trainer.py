@@ -98,8 +98,8 @@ class SemiSupervisedTrainer(Trainer):
         amp_kwargs: dict | None = None,
         optim_set_to_none: bool = True,
     ):
-        networks = list(networks) if isinstance(networks, Sequence) else [networks]
-        optimizers = list(optimizers) if isinstance(optimizers, Sequence) else [optimizers]
+        networks = list(networks) if isinstance(networks, (Sequence, nn.ModuleList)) else [networks]
+        optimizers = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
         if max_epochs < 1 or epoch_length < 1:
             raise ValueError(f"max_epochs ({max_epochs}) and epoch_length ({epoch_length}) must be positive")
         if not networks:

@@ -28,6 +28,7 @@ HD95 any pair of non-empty masks on this grid can reach, i.e. the worst case, fi
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -38,6 +39,10 @@ from monai.data.utils import affine_to_spacing
 from monai.metrics import CumulativeIterationMetric, compute_dice, compute_hausdorff_distance
 from monai.metrics.utils import do_metric_reduction, prepare_spacing
 from monai.utils import MetricReduction
+
+
+# MONAI 1.6 warns on every HD95 call about its own internal use of a deprecated argument; it is not ours.
+warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
 
 __all__ = [
     "OK",

@@ -1,0 +1,66 @@
+"""Training handlers: resumable checkpoints (save every N iterations, resume from the newest)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+__all__ = ["ResumableCheckpointHandler", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint_iteration=") -> Path | None:
+    """The checkpoint with the highest iteration number in ``ckpt_dir`` (``CheckpointSaver`` naming), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for path in ckpt_dir.glob(f"{prefix}*.pt"):
+        match = re.fullmatch(re.escape(prefix) + r"(\d+)\.pt", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+class ResumableCheckpointHandler:
+    """Save resumable checkpoints every ``interval`` iterations, and resume from the newest one at start.
+
+    The saved dict is ``save_dict`` plus the trainer itself (added when attached, so configs need no
+    circular reference to the trainer). Saving is MONAI's ``CheckpointSaver`` (atomic files, ``n_saved``
+    kept), loading MONAI's ``CheckpointLoader``. A killed run resumes by running the same command again:
+    networks, optimisers, schedulers and the iteration counter come back. With no checkpoint, or
+    ``resume=False``, training starts from scratch.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | os.PathLike,
+        save_dict: dict[str, Any],
+        interval: int,
+        resume: bool = True,
+        n_saved: int = 1,
+    ):
+        self.ckpt_dir, self.save_dict, self.interval = Path(ckpt_dir), dict(save_dict), int(interval)
+        self.resume, self.n_saved = resume, n_saved
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict["trainer"] = engine
+        CheckpointSaver(
+            str(self.ckpt_dir), self.save_dict, save_interval=self.interval, epoch_level=False, n_saved=self.n_saved
+        ).attach(engine)
+        engine.add_event_handler(Events.STARTED, self.load_latest)
+
+    def load_latest(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.ckpt_dir) if self.resume else None
+        if path is None:
+            logger.info("no checkpoint to resume from in %s: training from scratch", self.ckpt_dir)
+            return
+        logger.info("resuming from %s", path)
+        CheckpointLoader(load_path=str(path), load_dict=self.save_dict, map_location=engine.state.device)(engine)
