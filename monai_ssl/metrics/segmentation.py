@@ -40,7 +40,6 @@ from monai.metrics import CumulativeIterationMetric, compute_dice, compute_hausd
 from monai.metrics.utils import do_metric_reduction, prepare_spacing
 from monai.utils import MetricReduction
 
-
 # MONAI 1.6 warns on every HD95 call about its own internal use of a deprecated argument; it is not ours.
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
 
