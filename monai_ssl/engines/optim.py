@@ -49,15 +49,29 @@ class _StateList:
 
 
 class StudentOptimizers(_StateList):
-    """AdamW per student; ``lrs[k]`` is student ``k``'s learning rate (defaults: 5e-4 CNN, 1e-4 transformer)."""
+    """AdamW per student; ``lrs[k]`` is student ``k``'s learning rate (defaults: 5e-4 CNN, 1e-4 transformer).
 
-    def __init__(self, networks: Sequence[nn.Module], lrs: Sequence[float] = (5e-4, 1e-4), weight_decay: float = 5e-4):
+    ``extra_modules`` (e.g. the contrastive projector held by a loss term) get one more AdamW at ``lrs[0]``,
+    so every trainable parameter of a method is stepped and checkpointed.
+    """
+
+    def __init__(
+        self,
+        networks: Sequence[nn.Module],
+        lrs: Sequence[float] = (5e-4, 1e-4),
+        weight_decay: float = 5e-4,
+        extra_modules: Sequence[nn.Module] = (),
+    ):
         if len(lrs) < len(networks):
             raise ValueError(f"{len(networks)} students but only {len(lrs)} learning rates")
-        super().__init__(
+        optimizers = [
             AdamW(net.parameters(), lr=float(lr), weight_decay=weight_decay)
             for net, lr in zip(networks, lrs, strict=False)
-        )
+        ]
+        extra = [p for m in extra_modules for p in m.parameters() if p.requires_grad]
+        if extra:
+            optimizers.append(AdamW(extra, lr=float(lrs[0]), weight_decay=weight_decay))
+        super().__init__(optimizers)
 
 
 class PolySchedulers(_StateList):
