@@ -1,0 +1,114 @@
+"""The batch job: input checks, failure isolation (crash, hang, bad volume), Dask.
+
+The pool's fork server imports elastix once per test process (~10 s). Test hooks (REGISTRATION_TEST_HOOKS)
+make a named pair crash its worker with SIGSEGV or hang, so the isolation paths run for real.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from registration.cli import main
+from registration.inputs import load_cases
+from registration.jobs import HOOKS_ENV, precompute
+from registration.params import RegistrationSettings
+from registration.synthetic import known_pair, phantom, random_affine, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")
+
+
+def dataset(root: Path, n: int, bad: str | None = None) -> Path:
+    """c0 labelled, c1..c{n-1} unlabelled (each c0 moved by a random affine); ``bad`` is a constant volume."""
+    img, lab = phantom((24, 24, 12), (2.0, 2.0, 4.0), seed=0)
+    rng = np.random.default_rng(0)
+    cases = {"c0": ("labeled", img, lab)}
+    for i in range(1, n):
+        cases[f"c{i}"] = ("unlabeled", known_pair(img, random_affine(img, rng))[0], None)
+    if bad:
+        cases[bad] = ("unlabeled", sitk.Image(img) * 0, None)
+    return write_dataset(root, cases, {"0": "background", "1": "body", "2": "a", "3": "b"})
+
+
+def cli(*args, env=None, **kw):
+    """Start ``python -m registration ARGS`` in a subprocess from the repository root."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "registration", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+
+
+def test_cli_rejects_missing_files_and_lists_every_problem(tmp_path):
+    datalist = dataset(tmp_path, 3)
+    (tmp_path / "images" / "c1.nii.gz").unlink()
+    (tmp_path / "labels" / "c0.nii.gz").write_bytes(b"not a nifti")
+    dl = json.loads(datalist.read_text())
+    dl["unlabeled"].append({"case_id": "c9", "image": "images/nowhere.nii.gz", "group": "unlabeled"})
+    datalist.write_text(json.dumps(dl))
+    proc = cli("precompute", "--datalist", str(datalist), "--out", str(tmp_path / "out"), "--kind", "affine")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "3 problem(s)" in err
+    assert "c1: image" in err and "file not found" in err
+    assert "c0: label" in err and "not a readable image" in err
+    assert "nowhere.nii.gz" in err
+    assert not (tmp_path / "out").exists()  # rejected before any work or output
+
+
+def test_pool_isolates_crash_hang_and_bad_volume(tmp_path, monkeypatch, capsys):
+    datalist = dataset(tmp_path, 3, bad="c3")
+    monkeypatch.setenv(HOOKS_ENV, "c1__c2=crash,c2__c1=sleep:120")
+    out = tmp_path / "out"
+    args = ["--datalist", str(datalist), "--out", str(out), "--kind", "affine", "--no-progress"]
+    rc = main(["precompute", *args, "--workers", "2", "--timeout", "6"])
+    assert rc == 1
+    manifest = pd.read_csv(out / "affine" / "manifest.csv").set_index(["fixed", "moving"])
+    assert len(manifest) == 12
+    ok = {("c0", "c1"), ("c1", "c0"), ("c0", "c2"), ("c2", "c0")}
+    assert set(manifest.index[manifest["status"] == "ok"]) == ok
+    assert (manifest.loc[list(ok), "attempts"] == 1).all()
+    pairs = out / "affine" / "pairs"
+    for stem, reason in [
+        ("c1__c2", "SIGSEGV"),
+        ("c2__c1", "timeout after 6 s"),
+        ("c3__c0", "constant"),
+        ("c1__c3", "constant"),
+    ]:
+        side = json.loads((pairs / f"{stem}.json").read_text())
+        assert side["status"] == "failed" and side["attempts"] == 2 and side["fallback"] is True
+        assert reason in side["error"] and reason in side["previous_errors"][0]
+        assert not (pairs / f"{stem}.h5").exists()
+    printed = capsys.readouterr().out
+    assert "4 computed, 8 failed" in printed and "FAILED c1__c2: worker crashed (SIGSEGV)" in printed
+    # selection goes on for the good cases and reports the one without usable pairs
+    rc = main(["select", *args])
+    assert rc == 1
+    brs = json.loads((out / "affine" / "brs.json").read_text())
+    assert brs["cases"]["c1"]["choice"] == brs["cases"]["c2"]["choice"] == "c0"
+    assert set(brs["failed"]) == {"c3"}
+    assert (out / "affine" / "registered_labels" / "c1.nii.gz").exists()
+    assert not (out / "affine" / "registered_labels" / "c3.nii.gz").exists()
+
+
+def test_dask_runs_pairs_and_records_failures(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    datalist = dataset(tmp_path, 2, bad="c2")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        summary = precompute(
+            load_cases(datalist), tmp_path / "out", RegistrationSettings(), scheduler=client, progress=False
+        )
+    assert summary.ok == 2 and sorted(summary.failed) == ["c0__c2", "c1__c2", "c2__c0", "c2__c1"]
+    side = json.loads((tmp_path / "out" / "affine" / "pairs" / "c0__c1.json").read_text())
+    assert side["status"] == "ok" and side["threads"] == 1
+    assert "constant" in summary.failed["c2__c1"]

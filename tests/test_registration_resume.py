@@ -1,0 +1,58 @@
+"""Resume after ``kill -9``: the real CLI runs twice in subprocesses (each imports elastix once, ~10 s)."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from test_registration_job import cli, dataset
+
+from registration.jobs import HOOKS_ENV
+
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_resume_after_kill_9(tmp_path):
+    datalist = dataset(tmp_path, 3)
+    out = tmp_path / "out"
+    pairs = out / "affine" / "pairs"
+    args = ["precompute", "--datalist", str(datalist), "--out", str(out), "--kind", "affine", "--workers", "1"]
+    # the 4th pair hangs, so the job is certainly mid-way when it is killed
+    proc = cli(*args, env={**os.environ, HOOKS_ENV: "c1__c2=sleep:300"})
+    deadline = time.monotonic() + 150
+    while len(list(pairs.glob("*.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    done = {p.name: p.read_bytes() for p in pairs.glob("*.json")}
+    assert sorted(done) == ["c0__c1.json", "c0__c2.json", "c1__c0.json"]
+    for h5 in pairs.glob("*.h5"):  # every finished-name transform file is whole
+        sitk.ReadTransform(str(h5))
+    worker = json.loads(done["c0__c1.json"])["pid"]
+    for _ in range(100):  # the orphaned worker notices its parent's death through the lifeline and exits
+        if not _alive(worker):
+            break
+        time.sleep(0.05)
+    assert not _alive(worker)
+    # run again: only the three missing pairs are computed
+    proc = cli(*args, "--no-progress")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "6 pairs: 3 already finished, 3 computed, 0 failed" in stdout
+    for name, content in done.items():
+        assert (pairs / name).read_bytes() == content
+    manifest = pd.read_csv(out / "affine" / "manifest.csv")
+    assert (manifest["status"] == "ok").all() and len(manifest) == 6
+    assert not list(pairs.glob(".tmp-*"))
