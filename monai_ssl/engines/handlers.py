@@ -1,4 +1,5 @@
-"""Training handlers: resumable checkpoints (save every N iterations, resume from the newest)."""
+"""Training handlers: resumable checkpoints (save every N iterations, resume from the newest), and gradient
+averaging across processes for multi-GPU training."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["ResumableCheckpointHandler", "latest_checkpoint"]
+__all__ = ["ResumableCheckpointHandler", "GradientAllReduce", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +47,17 @@ class ResumableCheckpointHandler:
         interval: int,
         resume: bool = True,
         n_saved: int = 1,
+        save: bool = True,
     ):
         self.ckpt_dir, self.save_dict, self.interval = Path(ckpt_dir), dict(save_dict), int(interval)
-        self.resume, self.n_saved = resume, n_saved
+        self.resume, self.n_saved, self.save = resume, n_saved, save
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
-        CheckpointSaver(
-            str(self.ckpt_dir), self.save_dict, save_interval=self.interval, epoch_level=False, n_saved=self.n_saved
-        ).attach(engine)
+        if self.save:  # in multi-GPU runs only rank 0 saves; every rank resumes
+            CheckpointSaver(
+                str(self.ckpt_dir), self.save_dict, save_interval=self.interval, epoch_level=False, n_saved=self.n_saved
+            ).attach(engine)
         engine.add_event_handler(Events.STARTED, self.load_latest)
 
     def load_latest(self, engine: Engine) -> None:
@@ -64,3 +67,40 @@ class ResumableCheckpointHandler:
             return
         logger.info("resuming from %s", path)
         CheckpointLoader(load_path=str(path), load_dict=self.save_dict, map_location=engine.state.device)(engine)
+
+
+class GradientAllReduce:
+    """Average the students' gradients over all processes after each backward pass (multi-GPU training).
+
+    The trainer calls ``forward_features`` as well as ``forward``, which ``DistributedDataParallel`` does not
+    see, so gradients are synchronised explicitly here, at ``BACKWARD_COMPLETED`` and before the optimiser
+    steps. Every process holds identical weights as long as they start identical (rank 0's initial weights
+    are broadcast at ``STARTED``).
+    """
+
+    def __init__(self, modules: Any):
+        self.modules = list(modules)
+
+    def attach(self, engine: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(Events.STARTED, self.broadcast)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.all_reduce)
+
+    def _params(self):
+        return [p for m in self.modules for p in m.parameters()]
+
+    def broadcast(self, engine: Engine) -> None:
+        import torch.distributed as dist
+
+        for p in self._params():
+            dist.broadcast(p.data, src=0)
+
+    def all_reduce(self, engine: Engine) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        for p in self._params():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
