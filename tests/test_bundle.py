@@ -1,0 +1,161 @@
+"""The MONAI bundle: metadata, properties, train -> evaluate -> infer -> export on tiny data, bad inputs."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, ckpt_export, run, verify_metadata
+
+from monai_ssl.data.validation import InputError
+from tests.conftest import write_nifti
+from tests.test_trainer import tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "cctr_brain_demo" / "configs"
+METHODS = ["unet_ls", "cps", "cts"]
+# tiny students and volumes so that a bundle run takes seconds on 2 CPU cores
+TINY = {
+    "num_classes": 3,
+    "patch_size": [16, 16],
+    "pixdim": [-1, -1, -1],
+    "batch_size": 4,
+    "student_0#channels": [4, 8, 16],
+    "student_0#num_res_units": 1,
+    "student_1#embed_dim": 12,
+    "student_1#num_heads": [1, 2, 2, 4],
+    "student_1#window_size": 4,
+}
+
+
+def configs(*names):
+    return [str(CONFIGS / n) for n in names]
+
+
+def test_metadata_verifies_offline_against_repo_schema():
+    verify_metadata(
+        meta_file=str(CONFIGS / "metadata.json"), filepath=str(REPO / "bundles" / "schema" / "meta_schema.json")
+    )
+    # and a broken metadata file is rejected
+    import json
+
+    import jsonschema
+
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    del meta["network_data_format"]["outputs"]["pred"]
+    schema = json.loads((REPO / "bundles" / "schema" / "meta_schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(meta, schema)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_check_properties_train_and_inference(method):
+    for workflow_type, files in (("train", ("train.json",)), ("infer", ("inference.json",))):
+        wf = ConfigWorkflow(
+            config_file=[str(CONFIGS / f) for f in files] + [str(CONFIGS / "methods" / f"{method}.json")],
+            meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=str(CONFIGS / "logging.conf"),
+            workflow_type=workflow_type,
+        )
+        wf.initialize()
+        assert wf.check_properties() == [], (workflow_type, method)
+
+
+def oblique_input(tmp_path, src: str) -> str:
+    """The same voxels as ``src`` stored with a rotated, LPS-like direction matrix."""
+    img = nib.load(src)
+    c, s = np.cos(0.3), np.sin(0.3)
+    aff = np.eye(4)
+    aff[:3, :3] = np.array([[-c, s, 0], [-s, -c, 0], [0, 0, 1]]) @ np.diag(img.header.get_zooms()[:3])
+    aff[:3, 3] = [12.0, -7.0, 30.0]
+    return write_nifti(tmp_path / "oblique" / "obl_case.nii.gz", np.asarray(img.dataobj), aff, np.float32)
+
+
+@pytest.mark.slow
+def test_bundle_train_evaluate_infer_export_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    tiny_dataset(data)
+    out = tmp_path / "runs"
+    common = dict(TINY, dataset_dir=str(data), output_root=str(out))
+    run("training", config_file=configs("train.json", "methods/cts.json"), max_iterations=4, val_interval=2, **common)
+    models = out / "cts" / "models"
+    assert {"model.pt", "model_final.pt", "checkpoint_iteration=4.pt"} <= {p.name for p in models.iterdir()}
+
+    run(
+        "evaluating",
+        config_file=configs("train.json", "evaluate.json", "methods/cts.json"),
+        eval_groups=["validation"],
+        **common,
+    )
+    per_case = pd.read_csv(out / "cts" / "eval" / "metrics_per_case.csv")
+    assert per_case["case_id"].unique().tolist() == ["val"] and len(per_case) == 2  # two foreground classes
+    assert (out / "cts" / "eval" / "overlays" / "val.png").exists()
+    val_seg = nib.load(out / "cts" / "eval" / "predictions" / "val_seg.nii.gz")
+    assert val_seg.shape == nib.load(data / "val.nii.gz").shape
+
+    # inference on an input with a non-identity direction matrix: output on the input's own grid
+    src = oblique_input(tmp_path, str(data / "u0.nii.gz"))
+    infer_keys = {k: v for k, v in common.items() if k != "batch_size"}
+    run(
+        "run",
+        config_file=configs("inference.json", "methods/cts.json"),
+        input_dir=str(tmp_path / "oblique"),
+        output_dir=str(tmp_path / "pred"),
+        uncertainty=True,
+        **infer_keys,
+    )
+    seg, ref = nib.load(tmp_path / "pred" / "obl_case_seg.nii.gz"), nib.load(src)
+    assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2}
+    ent = np.asarray(nib.load(tmp_path / "pred" / "obl_case_entropy.nii.gz").dataobj)
+    assert ent.shape == ref.shape and ent.min() >= 0 and ent.max() <= np.log(3) + 1e-5
+
+    # export: TorchScript (traced at the patch size) reproduces the eager ensemble's logits
+    ts = tmp_path / "model.ts"
+    ckpt_export(
+        "network_def",
+        filepath=str(ts),
+        ckpt_file=str(models / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=configs("inference.json", "methods/cts.json"),
+        use_trace=True,
+        input_shape=[1, 1, 16, 16],
+        **{k: v for k, v in infer_keys.items() if k not in ("dataset_dir", "output_root", "pixdim")},
+    )
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), str(CONFIGS / "methods" / "cts.json")])
+    for k, v in infer_keys.items():
+        parser[k] = v
+    eager = parser.get_parsed_content("network_def")
+    eager.load_state_dict(torch.load(models / "model.pt", map_location="cpu"))
+    eager.eval()
+    x = torch.rand(2, 1, 16, 16)
+    exported = torch.jit.load(str(ts))
+    with torch.no_grad():
+        assert torch.allclose(exported(x), eager(x), atol=1e-5)
+
+
+def test_inference_bundle_rejects_bad_inputs(tmp_path):
+    bad = tmp_path / "bad"
+    write_nifti(bad / "flat.nii.gz", np.zeros((8, 8)), np.eye(4), np.float32)
+    (bad / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    kwargs = dict(TINY, output_dir=str(tmp_path / "o"), output_root=str(tmp_path / "runs"))
+    with pytest.raises(Exception) as e:
+        run("run", config_file=configs("inference.json"), input_dir=str(bad), **kwargs)
+    text = "\n".join(str(c) for c in _chain(e.value))
+    assert "flat.nii.gz" in text and "3D volume" in text and "corrupt.nii.gz" in text
+    assert any(isinstance(c, InputError) for c in _chain(e.value))
+    with pytest.raises(Exception) as e:
+        run("run", config_file=configs("inference.json"), input_dir=str(tmp_path / "nowhere"), **kwargs)
+    assert "not found" in "\n".join(str(c) for c in _chain(e.value))
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def _chain(err):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
