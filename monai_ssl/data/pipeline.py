@@ -7,7 +7,9 @@ they carry ``reg_label`` (the registered label) when registered labels are given
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,7 +21,13 @@ from monai_ssl.data.slices import SliceDataset, VolumeDataset
 from monai_ssl.data.transforms import IMAGE_KEY, PixelToWorldd, slice_augmentations, volume_transforms
 from monai_ssl.data.validation import LABEL_KEYS, InputError
 
-__all__ = ["training_datasets", "evaluation_dataset", "attach_registered_labels", "patch_augmentations"]
+__all__ = [
+    "training_datasets",
+    "evaluation_dataset",
+    "attach_registered_labels",
+    "patch_augmentations",
+    "registered_labels",
+]
 
 
 def _datalist(datalist: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -40,6 +48,26 @@ def attach_registered_labels(
     if missing:
         raise InputError(f"no registered label for unlabelled case(s) {', '.join(missing)}")
     return [dict(c, reg_label=str(registered_labels[c["case_id"]])) for c in cases]
+
+
+def registered_labels(registration_dir: str | os.PathLike, kind: str = "affine") -> dict[str, str]:
+    """case_id -> registered label path, read from the registration job's ``<dir>/<kind>/brs.json``.
+
+    Read as plain JSON (no ITK import): it is what ``python -m registration select`` wrote.
+    """
+    root = Path(registration_dir) / kind
+    path = root / "brs.json"
+    if not path.exists():
+        raise InputError(
+            f"{path}: no best-registration selection; run `python -m registration precompute` and "
+            "`python -m registration select` first"
+        )
+    cases = json.loads(path.read_text()).get("cases", {})
+    out = {cid: str(root / c["registered_label"]) for cid, c in cases.items() if c.get("registered_label")}
+    missing = [str(p) for p in out.values() if not Path(p).exists()]
+    if missing:
+        raise InputError([f"{p}: registered label listed in {path} is missing" for p in missing])
+    return out
 
 
 def patch_augmentations(patch_size: Sequence[int], label_keys: Sequence[str] = LABEL_KEYS, flip_prob: float = 0.5):

@@ -17,7 +17,7 @@ from monai.losses import DiceCELoss, DiceLoss
 
 from monai_ssl.losses.schedules import GaussianRampUp, WeightSchedule, as_schedule
 
-__all__ = ["StepContext", "LossTerm", "SupervisedTerm", "CrossPseudoTerm"]
+__all__ = ["StepContext", "LossTerm", "SupervisedTerm", "CrossPseudoTerm", "RegistrationSupervisionTerm"]
 
 
 @dataclass
@@ -96,6 +96,37 @@ class SupervisedTerm(LossTerm):
     def forward(self, ctx: StepContext) -> torch.Tensor:
         target = ctx.labeled[self.label_key]
         return sum(self.loss(logits, target) for logits in ctx.logits_l)
+
+
+class RegistrationSupervisionTerm(SupervisedTerm):
+    """CCT-R's registration supervision loss (RSL): every student's prediction on the unlabelled slices
+    against the registered label (``reg_label``: the best-registered labelled volume's label warped into the
+    unlabelled volume, carried through the same augmentation as the image).
+
+    Same ``lambda_dice * Dice + lambda_ce * CE`` as the supervised term, summed over students; constant weight
+    0.5 by default, since registered labels are available, and usable, from the first iteration.
+    """
+
+    needs_unlabeled = True
+
+    def __init__(
+        self,
+        name: str = "rsl",
+        weight: float | WeightSchedule = 0.5,
+        lambda_dice: float = 0.5,
+        lambda_ce: float = 0.5,
+        label_key: str = "reg_label",
+    ):
+        super().__init__(name, weight, lambda_dice, lambda_ce, label_key)
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        if ctx.unlabeled is None or self.label_key not in ctx.unlabeled:
+            raise KeyError(
+                f"loss term {self.name!r} needs '{self.label_key}' on unlabelled slices: pass the registration "
+                "output's registered labels to the datasets (registered_labels=...)"
+            )
+        target = ctx.unlabeled[self.label_key]
+        return sum(self.loss(logits, target) for logits in ctx.logits_u)
 
 
 class CrossPseudoTerm(LossTerm):
