@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from registration.geometry import linear_transform_ras
 from registration.metrics import mutual_information, normalise_intensity, rmse
 
 __all__ = ["CycleScore", "compose", "foreground_mask", "cycle_scores"]
@@ -63,11 +64,6 @@ def cycle_scores(
     """Scores of the round trip of ``image`` (volume j) through ``forward`` (T_jq) then ``backward`` (T_qj)."""
     start = time.perf_counter()
     trip = compose(forward, backward)
-    back = sitk.Resample(image, image, trip, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    ref = sitk.GetArrayViewFromImage(image)
-    a = normalise_intensity(ref)
-    b = normalise_intensity(sitk.GetArrayViewFromImage(back), ref)
-    e, m = rmse(a, b), mutual_information(a, b, bins)
     if mask is None:
         mask = foreground_mask(image)
     field = sitk.TransformToDisplacementField(
@@ -75,4 +71,21 @@ def cycle_scores(
     )
     norms = np.linalg.norm(sitk.GetArrayViewFromImage(field), axis=-1)
     mm = float(norms[mask].mean()) if mask.any() else float("nan")
+    if not _is_linear(trip):
+        # the field holds the composed transform at every voxel of this grid, so resampling through it is exact
+        # and spares a second evaluation of two B-splines per voxel (half the time)
+        trip = sitk.DisplacementFieldTransform(field)
+    back = sitk.Resample(image, image, trip, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    ref = sitk.GetArrayViewFromImage(image)
+    a = normalise_intensity(ref)
+    b = normalise_intensity(sitk.GetArrayViewFromImage(back), ref)
+    e, m = rmse(a, b), mutual_information(a, b, bins)
     return CycleScore(e, m, w_rmse * e - w_mi * m, mm, time.perf_counter() - start)
+
+
+def _is_linear(transform: sitk.Transform) -> bool:
+    try:
+        linear_transform_ras(transform)
+    except ValueError:
+        return False
+    return True

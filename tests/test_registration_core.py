@@ -111,6 +111,22 @@ def test_cycle_score_near_zero_when_consistent_and_large_when_corrupted(affine_c
     assert foreground_mask(image).mean() == pytest.approx((sitk.GetArrayViewFromImage(image) > 30).mean(), abs=0.1)
 
 
+def test_cycle_score_of_deformable_round_trip_resamples_once_exactly():
+    image, _ = phantom(SIZE, SPACING, seed=4)
+    rng = np.random.default_rng(8)
+    forward = random_deformation(image, rng, grid_mm=20, magnitude_mm=2.0)
+    backward = random_deformation(image, rng, grid_mm=20, magnitude_mm=2.0)
+    got = cycle_scores(image, forward, backward)
+    direct = sitk.Resample(image, image, compose(forward, backward), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    a, b = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(direct)
+    lo, hi = np.percentile(a, [1, 99])
+    assert got.rmse == pytest.approx(np.sqrt(np.mean(((a - b) / (hi - lo)) ** 2)), rel=1e-5)
+    pts = _foreground_ras(image, 200)
+    moved = _ras_truth(backward, _ras_truth(forward, pts))
+    assert got.transform_mm == pytest.approx(np.linalg.norm(moved - pts, axis=1).mean(), rel=0.15)
+    assert got.transform_mm > 0.5
+
+
 def test_bspline_recovers_a_smooth_deformation(tmp_path):
     m, m_label = phantom(SIZE, SPACING, seed=2)
     affine = random_affine(m, np.random.default_rng(5), 4, 0.03, 3)
