@@ -1,0 +1,563 @@
+"""Test-set Dice/HD95 and training seconds per iteration of each method of the ``cctr_brain_demo`` bundle.
+
+A method is ``configs/train.json`` plus ``configs/methods/<name>.json``; every override file present is a
+method. ``reg_only`` is the registration job's own label propagation (its ``report``), not a training run.
+Each (method, labelled count) trains from scratch in ``WORK/labeled_<n>/<method>/`` with the same budget,
+is evaluated on the datalist's ``test`` group with ``configs/evaluate.json``, and gives one row of
+``benchmarks/results/methods.csv``. Seconds per iteration are measured in the same run for every method,
+so their ratios to CTS compare like with like.
+
+    .venv/bin/python benchmarks/methods.py --methods unet_ls,cps,cts --labeled 1 [--quick]
+    .venv/bin/python benchmarks/methods.py --methods cts,cts_rsl,reg_only --labeled 1,2
+
+See ``benchmarks/README.md`` for the settings and the measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from monai_ssl.data.converters import resplit_datalist
+from monai_ssl.data.datalist import GROUPS, load_datalist, split_cases
+from monai_ssl.fileio import atomic_path
+from monai_ssl.metrics.report import summarize_metrics
+
+__all__ = [
+    "BUNDLE",
+    "PRESETS",
+    "REG_ONLY",
+    "RESULT",
+    "BenchmarkSettings",
+    "NotAvailable",
+    "StepTimer",
+    "ablation_table",
+    "available_methods",
+    "benchmark",
+    "labeled_datalist",
+    "main",
+    "metrics_row",
+    "needs_registration",
+    "prepare_registration",
+    "reg_only_metrics",
+    "speed_table",
+    "train_and_evaluate",
+    "write_results",
+]
+
+logger = logging.getLogger("benchmarks.methods")
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "cctr_brain_demo"
+CONFIGS = BUNDLE / "configs"
+REG_ONLY = "reg_only"
+BASELINE = "cts"  # seconds per iteration are reported as ratios to this method
+RESULT = Path(__file__).parent / "results" / "methods.csv"
+DEFAULT_DATALIST = REPO / "data" / "demo_brain" / "datalist.json"
+DEFAULT_REGISTRATION = REPO / "runs" / "demo" / "registration"
+DEFAULT_WORK = REPO / "runs" / "benchmarks" / "methods"
+MAIN_COLUMNS = ["method", "labeled", "mode", "dice_mean", "hd95_mean_mm", "sec_per_iter", "sec_per_iter_vs_cts"]
+INFO_COLUMNS = ["iterations", "patch_size", "batch_size", "data_sec_per_iter", "train_s", "eval_s", "status"]
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """The training budget every method gets in one benchmark run."""
+
+    mode: str
+    iterations: int
+    patch_size: tuple[int, ...]
+    batch_size: int
+    seed: int = 0
+
+
+PRESETS = {
+    "full": BenchmarkSettings("full", iterations=300, patch_size=(96, 96), batch_size=8),
+    "quick": BenchmarkSettings("quick", iterations=20, patch_size=(96, 96), batch_size=8),
+}
+
+
+class NotAvailable(RuntimeError):
+    """A method cannot run here: no override file, or registration output it needs is missing."""
+
+
+# ---- methods -----------------------------------------------------------------------------------------------
+def available_methods(configs: Path = CONFIGS) -> list[str]:
+    """Names of the method override files ``configs/methods/<name>.json``, sorted."""
+    return sorted(p.stem for p in (configs / "methods").glob("*.json"))
+
+
+def needs_registration(method: str, configs: Path = CONFIGS) -> bool:
+    """True for ``reg_only`` and for methods whose override refers to the registration output."""
+    return method == REG_ONLY or "registration_dir" in (configs / "methods" / f"{method}.json").read_text()
+
+
+def _check_method(method: str, configs: Path) -> None:
+    if method != REG_ONLY and not (configs / "methods" / f"{method}.json").exists():
+        raise NotAvailable(
+            f"not available: no override file {configs / 'methods' / f'{method}.json'} "
+            f"(available: {', '.join(available_methods(configs) + [REG_ONLY])})"
+        )
+
+
+# ---- timing ------------------------------------------------------------------------------------------------
+class StepTimer:
+    """Seconds of every training step and of every batch fetch of an ignite trainer.
+
+    A step is ``ITERATION_STARTED`` to ``IterationEvents.MODEL_COMPLETED``: forward passes, loss terms,
+    backward and optimiser steps. Batch fetches (``GET_BATCH_*``) are the per-iteration augmentation of
+    cached volumes. Dataset caching happens before the run; handlers (checkpoints, logging, validation) run
+    after ``MODEL_COMPLETED``; neither is counted.
+    """
+
+    def __init__(self, warmup: int = 1, clock: Callable[[], float] = time.perf_counter):
+        self.warmup = warmup
+        self.clock = clock
+        self.steps: list[float] = []
+        self.fetches: list[float] = []
+        self._t0 = self._f0 = 0.0
+
+    def attach(self, engine) -> StepTimer:
+        from ignite.engine import Events
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._fetch_start)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._fetch_stop)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._step_start)
+        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self._step_stop)
+        return self
+
+    def _fetch_start(self, _engine) -> None:
+        self._f0 = self.clock()
+
+    def _fetch_stop(self, _engine) -> None:
+        self.fetches.append(self.clock() - self._f0)
+
+    def _step_start(self, _engine) -> None:
+        self._t0 = self.clock()
+
+    def _step_stop(self, _engine) -> None:
+        self.steps.append(self.clock() - self._t0)
+
+    @staticmethod
+    def _median(values: list[float], warmup: int) -> float:
+        values = values[warmup:] if len(values) > warmup else values
+        return statistics.median(values) if values else math.nan
+
+    @property
+    def sec_per_iter(self) -> float:
+        """Median step seconds after the warm-up iterations (robust to other load on the machine)."""
+        return self._median(self.steps, self.warmup)
+
+    @property
+    def data_sec_per_iter(self) -> float:
+        return self._median(self.fetches, self.warmup)
+
+
+# ---- data and registration ---------------------------------------------------------------------------------
+def labeled_datalist(datalist: str | os.PathLike, labeled: int, work_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """The datalist to train with ``labeled`` labelled patients; the given one if it already has that many.
+
+    Otherwise the cases are re-split by patient into ``WORK/datalists/labeled_<n>.json``: validation and test
+    stay as they are, the labelled patients of ``datalist`` stay labelled (so labelled sets are nested) and
+    the others are drawn, deterministically for ``seed``, from the remaining labelled-eligible patients
+    (real donors with a label; ``unlabeled_only`` cases never).
+    """
+    dl = load_datalist(datalist)
+    ids = {g: sorted({str(c.get("patient_id", c["case_id"])) for c in dl.get(g, [])}) for g in GROUPS}
+    if len(ids["labeled"]) == labeled:
+        return Path(dl["datalist_path"])
+    keep = ids["labeled"][:labeled]
+    fixed = set(keep) | set(ids["validation"]) | set(ids["test"])
+    pool = [c for g in GROUPS for c in dl.get(g, []) if str(c.get("patient_id", c["case_id"])) not in fixed]
+    extra = split_cases(pool, labeled=labeled - len(keep), seed=seed)["labeled"] if labeled > len(keep) else []
+    chosen = keep + sorted({str(c.get("patient_id", c["case_id"])) for c in extra})
+    out = Path(work_dir) / "datalists" / f"labeled_{labeled}.json"
+    return Path(
+        resplit_datalist(dl, out, labeled=chosen, validation=ids["validation"], test=ids["test"], seed=seed)[
+            "datalist_path"
+        ]
+    )
+
+
+def _registration(*args: str) -> None:
+    """Run ``python -m registration ARGS`` in a child process (ITK threading stays out of this process)."""
+    cmd = [sys.executable, "-m", "registration", *args]
+    logger.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        raise RuntimeError(f"`python -m registration {args[0]}` failed (exit {proc.returncode}): {tail}")
+
+
+def _store_datalist(root: Path) -> str | None:
+    import json
+
+    table = root / "cases.json"
+    return json.loads(table.read_text()).get("datalist") if table.exists() else None
+
+
+def prepare_registration(
+    datalist: Path,
+    registration_dir: Path,
+    kind: str,
+    reuse_from: Path | None = None,
+    report: bool = False,
+) -> Path:
+    """Run the registration job for ``datalist`` into ``registration_dir``: precompute, select (and report).
+
+    When ``reuse_from`` (a run on the same training volumes) is given, its pair files are hard-linked into
+    ``registration_dir`` first; ``precompute`` then skips every pair whose inputs and settings match and
+    registers only the new ones (evaluation cases against a newly labelled case). ``select`` and ``report``
+    always rerun because they depend on which cases are labelled.
+    """
+    if reuse_from is not None and (reuse_from / kind / "pairs").is_dir():
+        pairs = registration_dir / kind / "pairs"
+        pairs.mkdir(parents=True, exist_ok=True)
+        for src in (reuse_from / kind / "pairs").iterdir():
+            if not src.name.startswith(".") and not (pairs / src.name).exists():  # .tmp-* files are unfinished
+                try:
+                    os.link(src, pairs / src.name)
+                except OSError:
+                    shutil.copy2(src, pairs / src.name)
+    common = ["--out", str(registration_dir), "--kind", kind, "--no-progress"]
+    _registration("precompute", "--datalist", str(datalist), *common)
+    _registration("select", *common)
+    if report:
+        _registration("report", *common)
+    return registration_dir
+
+
+def _precompute_running(root: Path) -> bool:
+    """True while a ``precompute`` job holds ``root/.lock`` (its outputs are then incomplete)."""
+    import fcntl
+
+    if not (root / ".lock").exists():
+        return False
+    with open(root / ".lock") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def _registration_for(
+    datalist: Path, base_datalist: Path, base_registration: Path, work_dir: Path, kind: str, report: bool
+) -> Path:
+    """The registration folder matching ``datalist``.
+
+    For the base datalist it is ``base_registration``, read only: its selection (and reg-only report) must
+    exist. For a re-split datalist it is ``WORK/registration/<datalist stem>``, prepared here.
+    """
+    if datalist != base_datalist:
+        derived = work_dir / "registration" / datalist.stem
+        return prepare_registration(datalist, derived, kind, reuse_from=base_registration, report=report)
+    root = base_registration / kind
+    found = _store_datalist(root)
+    if found is not None and found != str(datalist):
+        raise NotAvailable(f"not available: {root} was computed from {found}, not {datalist}")
+    if _precompute_running(root):
+        raise NotAvailable(f"not available: a registration precompute is still running on {root}")
+    needed = root / "reg_only" / "per_case.csv" if report else root / "brs.json"
+    if found is None or not needed.exists():
+        steps = [f"precompute --datalist {datalist} --out {base_registration} --kind {kind}"] if found is None else []
+        steps.append(f"{'report' if report else 'select'} --out {base_registration} --kind {kind}")
+        raise NotAvailable(
+            f"not available: {needed} is missing; produce it with "
+            + " then ".join(f"`python -m registration {s}`" for s in steps)
+        )
+    return base_registration
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------
+def metrics_row(summary: pd.DataFrame) -> dict[str, float]:
+    """``dice_mean``/``hd95_mean_mm`` (the ``overall`` row) and ``dice_<class>``/``hd95_<class>`` of a summary
+    table as written by :func:`monai_ssl.metrics.report.summarize_metrics`."""
+    overall = summary[summary["class_name"] == "overall"]
+    if len(overall) != 1:
+        raise ValueError("metrics summary has no single 'overall' row")
+    row = {"dice_mean": float(overall["dice_mean"].iloc[0]), "hd95_mean_mm": float(overall["hd95_mm_mean"].iloc[0])}
+    for _, r in summary[summary["class_name"] != "overall"].iterrows():
+        row[f"dice_{r['class_name']}"] = float(r["dice_mean"])
+        row[f"hd95_{r['class_name']}"] = float(r["hd95_mm_mean"])
+    return row
+
+
+def reg_only_metrics(registration_dir: Path, kind: str, group: str = "test") -> dict[str, float]:
+    """Metrics of the registration-only baseline on one group, from ``reg_only/per_case.csv``.
+
+    The per-case rows are summarised with the same function as the trained methods' evaluation, so the
+    ``overall`` figures pool (case, class) rows identically.
+    """
+    path = registration_dir / kind / "reg_only" / "per_case.csv"
+    per_case = pd.read_csv(path)
+    rows = per_case[per_case["group"] == group].rename(columns={"class": "class_index"})
+    if rows.empty:
+        raise ValueError(f"{path}: no {group} case in the registration-only report")
+    return metrics_row(summarize_metrics(rows))
+
+
+# ---- training and evaluation -------------------------------------------------------------------------------
+def _workflow(method: str, files: Sequence[str], run_id: str, configs: Path, overrides: Mapping[str, Any]):
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(
+        config_file=[str(configs / f) for f in files] + [str(configs / "methods" / f"{method}.json")],
+        meta_file=str(configs / "metadata.json"),
+        logging_file=str(configs / "logging.conf"),
+        workflow_type=None,
+        run_id=run_id,
+        **overrides,
+    )
+
+
+def train_and_evaluate(
+    method: str,
+    datalist: Path,
+    output_root: Path,
+    settings: BenchmarkSettings,
+    registration_dir: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    configs: Path = CONFIGS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``method`` from scratch in ``output_root/<method>``, evaluate it on the test group, return the row.
+
+    No validation runs during training (``val_interval`` is past the end), so the final model is evaluated.
+    """
+    from ignite.handlers import ProgressBar
+
+    output_dir = output_root / method
+    shutil.rmtree(output_dir, ignore_errors=True)  # fresh run: no old checkpoint can be evaluated by mistake
+    common = {
+        "bundle_root": str(configs.parent),
+        "datalist": str(datalist),
+        "output_root": str(output_root),
+        "seed": settings.seed,
+        **({"registration_dir": str(registration_dir)} if registration_dir is not None else {}),
+        **dict(overrides or {}),
+    }
+    train_overrides = {
+        **common,
+        "max_iterations": settings.iterations,
+        "val_interval": settings.iterations + 1,
+        "patch_size": list(settings.patch_size),
+        "batch_size": settings.batch_size,
+        "resume": False,
+    }
+    wf = _workflow(method, ["train.json"], "training", configs, train_overrides)
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")  # builds (and caches) the datasets now
+    timer = StepTimer().attach(trainer)
+    if progress:
+        ProgressBar(desc=f"{method}", persist=True).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+    train_log = logging.getLogger("monai_ssl.train")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)  # the progress bar replaces the per-iteration log lines
+    start = time.perf_counter()
+    try:
+        wf.run()
+    finally:
+        train_log.setLevel(level)
+    train_s = time.perf_counter() - start
+    del wf, trainer
+    gc.collect()
+
+    start = time.perf_counter()
+    ev = _workflow(method, ["train.json", "evaluate.json"], "evaluating", configs, {**common, "eval_groups": ["test"]})
+    ev.initialize()
+    ev.run()
+    eval_s = time.perf_counter() - start
+    summary = pd.read_csv(output_dir / "eval" / "metrics_summary.csv")
+    return {
+        **metrics_row(summary),
+        "sec_per_iter": timer.sec_per_iter,
+        "data_sec_per_iter": timer.data_sec_per_iter,
+        "train_s": train_s,
+        "eval_s": eval_s,
+    }
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------------
+def benchmark(
+    methods: Sequence[str],
+    labeled_counts: Sequence[int],
+    settings: BenchmarkSettings,
+    work_dir: str | os.PathLike = DEFAULT_WORK,
+    datalist: str | os.PathLike = DEFAULT_DATALIST,
+    registration_dir: str | os.PathLike = DEFAULT_REGISTRATION,
+    registration_kind: str = "affine",
+    overrides: Mapping[str, Any] | None = None,
+    configs: Path = CONFIGS,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row per (method, labelled count); a method that fails or is not available gets its reason in
+    ``status`` and NaN figures, and the others still run."""
+    work_dir, base = Path(work_dir).resolve(), Path(datalist).resolve()
+    base_registration = Path(registration_dir).resolve()
+    rows = []
+    for n in labeled_counts:
+        dl_path: Path | None = None
+        for i, method in enumerate(methods, 1):
+            logger.info("[%d labelled] method %d/%d: %s", n, i, len(methods), method)
+            row: dict[str, Any] = {"method": method, "labeled": n, "mode": settings.mode}
+            try:
+                _check_method(method, configs)
+                dl_path = dl_path or labeled_datalist(base, n, work_dir, settings.seed)
+                reg = None
+                if needs_registration(method, configs):
+                    reg = _registration_for(
+                        dl_path, base, base_registration, work_dir, registration_kind, report=method == REG_ONLY
+                    )
+                if method == REG_ONLY:
+                    row.update(reg_only_metrics(reg, registration_kind))
+                else:
+                    row.update(
+                        iterations=settings.iterations,
+                        patch_size="x".join(map(str, settings.patch_size)),
+                        batch_size=settings.batch_size,
+                    )
+                    row.update(
+                        train_and_evaluate(
+                            method, dl_path, work_dir / f"labeled_{n}", settings, reg, overrides, configs, progress
+                        )
+                    )
+                row["status"] = "ok"
+            except NotAvailable as e:
+                logger.warning("%s (%d labelled): %s", method, n, e)
+                row["status"] = str(e)
+            except Exception as e:  # a failing method is reported, the others still run
+                logger.error("%s (%d labelled) failed:\n%s", method, n, traceback.format_exc())
+                row["status"] = " ".join(f"failed: {type(e).__name__}: {e}".split())[:500]
+            logger.info("%s (%d labelled): %s", method, n, {k: row.get(k) for k in MAIN_COLUMNS[3:6]})
+            rows.append(row)
+    return _tidy(pd.DataFrame(rows))
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """Fixed column order, and each method's seconds per iteration relative to CTS at the same labelled count."""
+    for col in MAIN_COLUMNS + INFO_COLUMNS:
+        if col not in df:
+            df[col] = math.nan
+    cts = df[(df["method"] == BASELINE) & (df["status"] == "ok")].set_index("labeled")["sec_per_iter"]
+    df["sec_per_iter_vs_cts"] = df["sec_per_iter"] / df["labeled"].map(cts)
+    per_class = sorted(c for c in df.columns if c not in MAIN_COLUMNS + INFO_COLUMNS)
+    classes = [c for c in per_class if c.startswith("dice_")] + [c for c in per_class if c.startswith("hd95_")]
+    return df[MAIN_COLUMNS + classes + INFO_COLUMNS]
+
+
+def write_results(df: pd.DataFrame, path: str | os.PathLike = RESULT) -> Path:
+    """Write the result table atomically."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    return Path(path)
+
+
+def ablation_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The thesis' ablation shape: one row per method, Dice and HD95 (mm) columns per labelled count."""
+    table = df.pivot(index="method", columns="labeled", values=["dice_mean", "hd95_mean_mm"])
+    table = table.rename(columns={"dice_mean": "Dice", "hd95_mean_mm": "HD95 (mm)"}).swaplevel(axis=1)
+    table.columns.names = ["labelled", None]
+    return table.sort_index(axis=1, level=0, sort_remaining=False).reindex(df["method"].unique())
+
+
+def speed_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Seconds per training iteration, the ratio to CTS, and the status of every run."""
+    cols = ["method", "labeled", "sec_per_iter", "sec_per_iter_vs_cts", "data_sec_per_iter", "train_s", "status"]
+    return df[cols].rename(columns={"sec_per_iter_vs_cts": f"ratio_to_{BASELINE}"})
+
+
+def _print_report(df: pd.DataFrame, settings: BenchmarkSettings) -> None:
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 120):
+        print(
+            f"\nTest-set accuracy ({settings.mode}: {settings.iterations} iterations, "
+            f"patch {'x'.join(map(str, settings.patch_size))}, batch {settings.batch_size}, seed {settings.seed})"
+        )
+        print(ablation_table(df).to_string(float_format=lambda v: f"{v:.3f}", na_rep="-"))
+        print("\nTraining seconds per iteration (median step: forward, losses, backward, optimiser), same run")
+        print(speed_table(df).to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+    ok = df[df["status"] == "ok"].set_index(["method", "labeled"])["sec_per_iter"]
+    for method in ("cctr", "cts_rsl"):
+        for n in df["labeled"].unique():
+            if (method, n) in ok and (BASELINE, n) in ok:
+                ratio = ok[method, n] / ok[BASELINE, n]
+                target = " (target <= 1.15)" if method == "cctr" else ""
+                print(f"{method}/{BASELINE} seconds per iteration, {n} labelled: {ratio:.2f}{target}")
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated method names (default: every override file in {CONFIGS / 'methods'}, plus {REG_ONLY})",
+    )
+    parser.add_argument("--labeled", type=_int_list, default=[1], help="labelled patient counts, e.g. 1,2 (1)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 iterations per method")
+    parser.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
+    parser.add_argument("--patch", type=int, nargs=2, default=None, help="override the preset's patch size (96 96)")
+    parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size (8)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed and re-split seed (0)")
+    parser.add_argument("--datalist", type=Path, default=DEFAULT_DATALIST, help="datalist (demo dataset)")
+    parser.add_argument("--registration-dir", type=Path, default=DEFAULT_REGISTRATION, help="registration output")
+    parser.add_argument("--registration-kind", default="affine", help="registration kind (affine)")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="run folders (runs/benchmarks/methods)")
+    parser.add_argument("--out", type=Path, default=RESULT, help="result CSV (benchmarks/results/methods.csv)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    preset = PRESETS["quick" if args.quick else "full"]
+    settings = BenchmarkSettings(
+        mode=preset.mode,
+        iterations=args.iterations or preset.iterations,
+        patch_size=tuple(args.patch or preset.patch_size),
+        batch_size=args.batch or preset.batch_size,
+        seed=args.seed,
+    )
+    methods = args.methods.split(",") if args.methods else available_methods() + [REG_ONLY]
+    df = benchmark(
+        [m.strip() for m in methods if m.strip()],
+        args.labeled,
+        settings,
+        work_dir=args.work_dir,
+        datalist=args.datalist,
+        registration_dir=args.registration_dir,
+        registration_kind=args.registration_kind,
+        progress=not args.no_progress,
+    )
+    path = write_results(df, args.out)
+    _print_report(df, settings)
+    print(f"\nwrote {path}")
+    failed = df[df["status"] != "ok"]
+    for _, r in failed.iterrows():
+        print(f"NOT OK {r['method']} ({r['labeled']} labelled): {r['status']}", file=sys.stderr)
+    return 1 if len(failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""benchmarks/methods.py on tiny data: result rows, per-class metrics, re-split, reg-only rows, step timing."""
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+
+from benchmarks import methods as bm
+from monai_ssl.data.datalist import load_datalist, write_datalist
+from tests.test_bundle import TINY
+from tests.test_trainer import tiny_dataset
+
+CLASSES = ["blob", "ring"]
+
+
+def tiny_with_test(root):
+    """The trainer tests' tiny data set plus a labelled test case (the validation volume under another id)."""
+    raw = json.loads(tiny_dataset(root).read_text())
+    raw["test"] = [{**raw["validation"][0], "case_id": "tst", "group": "test"}]
+    return write_datalist(raw, root / "datalist_test.json")
+
+
+def dice(pred, gt, c):
+    p, g = pred == c, gt == c
+    return 2.0 * np.logical_and(p, g).sum() / (p.sum() + g.sum())
+
+
+def test_two_methods_train_evaluate_and_unknown_or_unready_methods_are_reported(tmp_path):
+    datalist = tiny_with_test(tmp_path / "data")
+    settings = bm.BenchmarkSettings("test", iterations=2, patch_size=(16, 16), batch_size=4)
+    overrides = {k: v for k, v in TINY.items() if k not in ("patch_size", "batch_size")}
+    df = bm.benchmark(
+        ["unet_ls", "cts", "no_such_method", "cts_rsl"],
+        [1],
+        settings,
+        work_dir=tmp_path / "work",
+        datalist=datalist,
+        registration_dir=tmp_path / "no_registration",
+        overrides=overrides,
+        progress=False,
+    )
+    per_class = [f"dice_{c}" for c in CLASSES] + [f"hd95_{c}" for c in CLASSES]
+    assert list(df.columns) == bm.MAIN_COLUMNS + per_class + bm.INFO_COLUMNS
+    assert df["method"].tolist() == ["unet_ls", "cts", "no_such_method", "cts_rsl"]
+    ok = df[df["status"] == "ok"].set_index("method")
+    assert ok.index.tolist() == ["unet_ls", "cts"]
+    # HD95 is at most the volume diagonal (20x20x6 voxels of 1.5x1.5x3 mm), Dice in [0, 1]
+    diagonal = math.dist((0, 0, 0), (19 * 1.5, 19 * 1.5, 5 * 3.0))
+    label = np.asarray(nib.load(tmp_path / "data" / "val_seg.nii.gz").dataobj)
+    for method, row in ok.iterrows():
+        assert ((row[["dice_mean", *per_class[:2]]] >= 0) & (row[["dice_mean", *per_class[:2]]] <= 1)).all()
+        assert ((row[per_class[2:]] >= 0) & (row[per_class[2:]] <= diagonal + 1e-6)).all()
+        # one test case, both classes present in its label: the overall figures are the class means
+        assert row["dice_mean"] == pytest.approx(np.mean([row["dice_blob"], row["dice_ring"]]))
+        assert row["hd95_mean_mm"] == pytest.approx(np.mean([row["hd95_blob"], row["hd95_ring"]]))
+        # Dice recomputed with numpy from the saved test prediction (the test group, not validation)
+        pred = np.asarray(
+            nib.load(tmp_path / "work" / "labeled_1" / method / "eval" / "predictions" / "tst_seg.nii.gz").dataobj
+        )
+        assert pred.shape == label.shape
+        for i, c in enumerate(CLASSES, 1):
+            assert row[f"dice_{c}"] == pytest.approx(dice(pred, label, i), abs=1e-5)
+        assert 0 < row["sec_per_iter"] < row["train_s"] and row["data_sec_per_iter"] > 0
+        assert row["iterations"] == 2 and row["patch_size"] == "16x16" and row["mode"] == "test"
+    assert ok.loc["cts", "sec_per_iter_vs_cts"] == 1.0
+    assert ok.loc["unet_ls", "sec_per_iter_vs_cts"] == pytest.approx(
+        ok.loc["unet_ls", "sec_per_iter"] / ok.loc["cts", "sec_per_iter"]
+    )
+
+    missing = df.set_index("method").loc[["no_such_method", "cts_rsl"]]
+    assert missing.loc["no_such_method", "status"].startswith("not available: no override file")
+    assert "no_such_method.json" in missing.loc["no_such_method", "status"]
+    assert (
+        missing.loc["cts_rsl", "status"].startswith("not available")
+        and "python -m registration precompute" in missing.loc["cts_rsl", "status"]
+    )
+    assert missing[["dice_mean", "hd95_mean_mm", "sec_per_iter"]].isna().all().all()
+
+    # the CSV round-trips; the ablation table has one row per method, Dice and HD95 per labelled count
+    path = bm.write_results(df, tmp_path / "results" / "methods.csv")
+    back = pd.read_csv(path)
+    assert list(back.columns) == list(df.columns)
+    assert np.allclose(back["dice_mean"], df["dice_mean"], equal_nan=True, rtol=1e-5)
+    table = bm.ablation_table(df)
+    assert table.index.tolist() == df["method"].tolist()
+    assert table.columns.tolist() == [(1, "Dice"), (1, "HD95 (mm)")]
+
+
+def test_main_exits_nonzero_for_unknown_method_without_training(tmp_path, capsys):
+    out = tmp_path / "m.csv"
+    code = bm.main(["--methods", "cctr_missing", "--out", str(out), "--work-dir", str(tmp_path), "--no-progress"])
+    assert code == 1
+    row = pd.read_csv(out).iloc[0]
+    assert row["method"] == "cctr_missing" and row["status"].startswith("not available")
+    assert "NOT OK cctr_missing" in capsys.readouterr().err
+
+
+def test_labeled_datalist_resplits_by_patient_keeping_eval_groups_and_nested_labels(tmp_path):
+    datalist = tiny_with_test(tmp_path)
+    assert bm.labeled_datalist(datalist, 1, tmp_path / "work") == datalist.resolve()  # already 1 labelled
+    two = bm.labeled_datalist(datalist, 2, tmp_path / "work", seed=0)
+    assert two == (tmp_path / "work" / "datalists" / "labeled_2.json").resolve()
+    dl = load_datalist(two)
+    labeled = [c["case_id"] for c in dl["labeled"]]
+    assert len(labeled) == 2 and "lab" in labeled and set(labeled) <= {"lab", "u0", "u1"}
+    assert [c["case_id"] for c in dl["validation"]] == ["val"] and [c["case_id"] for c in dl["test"]] == ["tst"]
+    assert {c["case_id"] for c in dl["unlabeled"]} == {"u0", "u1"} - set(labeled)
+    assert dl["labeled"][0]["image"] == load_datalist(datalist)["labeled"][0]["image"]  # same files, absolute
+    # deterministic for a seed
+    again = bm.labeled_datalist(datalist, 2, tmp_path / "again", seed=0)
+    assert [c["case_id"] for c in load_datalist(again)["labeled"]] == labeled
+    with pytest.raises(ValueError, match="only 2 labelled ones are left"):
+        bm.labeled_datalist(datalist, 4, tmp_path / "work")
+
+
+def test_reg_only_metrics_summarise_test_rows_of_the_registration_report(tmp_path):
+    rows = [
+        ("v", "validation", 1, "blob", 0.1, 9.0, "ok"),
+        ("t1", "test", 1, "blob", 0.8, 2.0, "ok"),
+        ("t1", "test", 2, "ring", 0.6, 4.0, "ok"),
+        ("t2", "test", 1, "blob", 0.4, 6.0, "ok"),
+        ("t2", "test", 2, "ring", np.nan, np.nan, "both_empty"),
+    ]
+    per_case = pd.DataFrame(rows, columns=["case_id", "group", "class", "class_name", "dice", "hd95_mm", "status"])
+    (tmp_path / "affine" / "reg_only").mkdir(parents=True)
+    per_case.assign(atlas="a").to_csv(tmp_path / "affine" / "reg_only" / "per_case.csv", index=False)
+    got = bm.reg_only_metrics(tmp_path, "affine")
+    # validation rows and both-empty rows are left out; the overall mean pools the three used test rows
+    assert got == pytest.approx(
+        {
+            "dice_mean": (0.8 + 0.6 + 0.4) / 3,
+            "hd95_mean_mm": (2.0 + 4.0 + 6.0) / 3,
+            "dice_blob": 0.6,
+            "hd95_blob": 4.0,
+            "dice_ring": 0.6,
+            "hd95_ring": 4.0,
+        }
+    )
+
+
+def test_method_discovery_and_registration_needs():
+    names = bm.available_methods()
+    assert {"unet_ls", "cps", "cts", "cts_rsl"} <= set(names)
+    assert bm.needs_registration("cts_rsl") and bm.needs_registration(bm.REG_ONLY)
+    assert not any(bm.needs_registration(m) for m in ("unet_ls", "cps", "cts"))
+
+
+def test_step_timer_counts_only_the_model_step_and_batch_fetch():
+    """Fake clock: each fetch costs 2, step i costs 3*i, and 100 more after MODEL_COMPLETED (handlers)."""
+    clock = {"now": 0.0}
+
+    def data():
+        while True:
+            clock["now"] += 2
+            yield {}
+
+    def step(engine, _batch):
+        clock["now"] += 3 * engine.state.iteration
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        clock["now"] += 100
+
+    engine = Engine(step)
+    engine.register_events(*IterationEvents)
+    timer = bm.StepTimer(warmup=1, clock=lambda: clock["now"]).attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: clock.__setitem__("now", clock["now"] + 50))
+    engine.run(data(), max_epochs=1, epoch_length=4)
+    assert timer.steps == [3, 6, 9, 12] and timer.fetches == [2, 2, 2, 2]
+    assert timer.sec_per_iter == 9 and timer.data_sec_per_iter == 2  # medians after one warm-up iteration
