@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from monai_ssl.losses.memory import ClassFeatureQueues
 from monai_ssl.losses.reps import RegistrationPositives, feature_pixel_to_world, pixel_world
@@ -222,7 +223,7 @@ def tile_blocks(x: torch.Tensor, block: Sequence[int], pad_value: float = 0.0) -
 
 def balanced_supcon(
     z: torch.Tensor, labels: torch.Tensor, temperature: float, num_classes: int, skip_background: bool = True
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-balanced supervised contrastive loss within groups of pixels (MCSC's block loss).
 
     ``z`` ``(G, P, D)`` unit embeddings, ``labels`` ``(G, P)`` (-1: not a pixel). Within a group, every pixel
@@ -233,8 +234,8 @@ def balanced_supcon(
 
     where ``n'_j`` is the number of pixels of ``j``'s class in the group other than ``i``: every class
     contributes the *mean* of its terms to the denominator (class balance). A group's loss is the mean over its
-    anchors; groups without anchors, or (``skip_background``) without any foreground pixel, are left out. Returns
-    the mean over the remaining groups, or None.
+    anchors; groups without anchors, or (``skip_background``) without any foreground pixel, are not ``used``.
+    Returns ``(per_group (G,), used (G,))``.
     """
     z = z.float()
     valid = labels >= 0
@@ -256,7 +257,7 @@ def balanced_supcon(
     used = anchor.any(dim=1)
     if skip_background:
         used &= ((labels > 0) & valid).any(dim=1)
-    return per_group[used].mean() if bool(used.any()) else None
+    return per_group, used
 
 
 def certain_pixels(probs: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
@@ -479,13 +480,16 @@ class MCSCTerm(_ContrastiveTerm):
 
     The loss is the **sum** over scales of the mean over groups (published); the weight defaults to the
     published constant 0.001. Cost: ``G * P^2`` similarities per scale with ``P = S * B * block^2``, i.e.
-    ``size^2 * (S*B)^2 * block^2`` in total: block size, not map size, drives memory.
+    ``size^2 * (S*B)^2 * block^2`` in total: block size, not map size, drives it. Groups are processed
+    ``group_chunk`` at a time under activation checkpointing, so memory holds one chunk's ``(P, P)`` matrices
+    (about ``group_chunk * 5 * P^2`` floats: ~2.7 GB at the published 224 px, batch 8, 19 px blocks, chunk 4)
+    at the price of recomputing them in the backward pass.
     Deviation from the public code: anchors without positives are left out of the mean instead of counting as 0.
 
     Args:
         in_channels: per scale, each student's channels (see :meth:`from_networks`).
         scales: ``(stride, block)`` pairs.
-        temperature, shuffle_blocks, skip_background_blocks: as above.
+        temperature, shuffle_blocks, skip_background_blocks, group_chunk: as above.
         hidden, out: projector widths.
         name, weight, label_key, unlabeled_start: see :class:`LossTerm`; MCSC's public code starts the
             pseudo-labelled slices at iteration 3000.
@@ -498,6 +502,7 @@ class MCSCTerm(_ContrastiveTerm):
         temperature: float = 0.1,
         shuffle_blocks: bool = True,
         skip_background_blocks: bool = True,
+        group_chunk: int = 4,
         hidden: int = 256,
         out: int = 128,
         name: str = "mcsc",
@@ -512,6 +517,9 @@ class MCSCTerm(_ContrastiveTerm):
         self.projector = nn.ModuleList(ContrastProjector(ch, hidden=hidden, out=out) for ch in in_channels)
         self.temperature = float(temperature)
         self.shuffle_blocks, self.skip_background_blocks = shuffle_blocks, skip_background_blocks
+        if group_chunk < 1:
+            raise ValueError(f"MCSCTerm: group_chunk must be >= 1, got {group_chunk}")
+        self.group_chunk = int(group_chunk)
 
     @classmethod
     def from_networks(
@@ -546,7 +554,18 @@ class MCSCTerm(_ContrastiveTerm):
             yt = yt.gather(2, perm[None, :, :, None].expand_as(yt))
         groups_z = zt.permute(2, 0, 1, 4, 3).reshape(nb, -1, d)
         groups_y = yt.permute(2, 0, 1, 3).reshape(nb, -1)
-        return balanced_supcon(groups_z, groups_y, self.temperature, num_classes, self.skip_background_blocks)
+        args = (self.temperature, num_classes, self.skip_background_blocks)
+        losses, used = [], []
+        for start in range(0, nb, self.group_chunk):  # only one chunk's (P, P) matrices are alive at a time
+            zc, yc = groups_z[start : start + self.group_chunk], groups_y[start : start + self.group_chunk]
+            if torch.is_grad_enabled() and zc.requires_grad:
+                out = checkpoint(balanced_supcon, zc, yc, *args, use_reentrant=False)
+            else:
+                out = balanced_supcon(zc, yc, *args)
+            losses.append(out[0])
+            used.append(out[1])
+        per_group, used_groups = torch.cat(losses), torch.cat(used)
+        return per_group[used_groups].mean() if bool(used_groups.any()) else None
 
 
 class MCSCv2Term(_AnchorTerm):
