@@ -66,8 +66,9 @@ def test_two_methods_train_evaluate_and_unknown_or_unready_methods_are_reported(
         for i, c in enumerate(CLASSES, 1):
             assert row[f"dice_{c}"] == pytest.approx(dice(pred, label, i), abs=1e-5)
         assert 0 < row["sec_per_iter"] < row["train_s"] and row["data_sec_per_iter"] > 0
+        assert row["cpu_sec_per_iter"] > 0
         assert row["iterations"] == 2 and row["patch_size"] == "16x16" and row["mode"] == "test"
-    assert ok.loc["cts", "sec_per_iter_vs_cts"] == 1.0
+    assert ok.loc["cts", "sec_per_iter_vs_cts"] == 1.0 and ok.loc["cts", "cpu_sec_per_iter_vs_cts"] == 1.0
     assert ok.loc["unet_ls", "sec_per_iter_vs_cts"] == pytest.approx(
         ok.loc["unet_ls", "sec_per_iter"] / ok.loc["cts", "sec_per_iter"]
     )
@@ -151,23 +152,29 @@ def test_method_discovery_and_registration_needs():
 
 
 def test_step_timer_counts_only_the_model_step_and_batch_fetch():
-    """Fake clock: each fetch costs 2, step i costs 3*i, and 100 more after MODEL_COMPLETED (handlers)."""
-    clock = {"now": 0.0}
+    """Fake clocks: each fetch costs 2, step i costs 3*i wall and i CPU seconds, and 100 more after
+    MODEL_COMPLETED (post-step work), 50 in ITERATION_COMPLETED handlers; none of the latter is counted."""
+    wall, cpu = {"now": 0.0}, {"now": 0.0}
+
+    def advance(w, c=0.0):
+        wall["now"] += w
+        cpu["now"] += c
 
     def data():
         while True:
-            clock["now"] += 2
+            advance(2)
             yield {}
 
     def step(engine, _batch):
-        clock["now"] += 3 * engine.state.iteration
+        advance(3 * engine.state.iteration, engine.state.iteration)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        clock["now"] += 100
+        advance(100, 100)
 
     engine = Engine(step)
     engine.register_events(*IterationEvents)
-    timer = bm.StepTimer(warmup=1, clock=lambda: clock["now"]).attach(engine)
-    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: clock.__setitem__("now", clock["now"] + 50))
+    timer = bm.StepTimer(warmup=1, clock=lambda: wall["now"], cpu_clock=lambda: cpu["now"]).attach(engine)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: advance(50, 50))
     engine.run(data(), max_epochs=1, epoch_length=4)
-    assert timer.steps == [3, 6, 9, 12] and timer.fetches == [2, 2, 2, 2]
-    assert timer.sec_per_iter == 9 and timer.data_sec_per_iter == 2  # medians after one warm-up iteration
+    assert timer.steps == [3, 6, 9, 12] and timer.cpu_steps == [1, 2, 3, 4] and timer.fetches == [2, 2, 2, 2]
+    # medians after one warm-up iteration
+    assert timer.sec_per_iter == 9 and timer.cpu_sec_per_iter == 3 and timer.data_sec_per_iter == 2
