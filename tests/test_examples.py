@@ -56,9 +56,9 @@ METHODS = ["unet_ls", "cps", "cts", "cts_rsl"]
 # TotalSegmentator "total" ids -> Synapse 8-organ ids, as the issue specifies them
 TS_TO_SYNAPSE = {52: 1, 4: 2, 3: 3, 2: 4, 5: 5, 7: 6, 1: 7, 6: 8}
 # values of these keys must agree between a training run and the evaluation/inference/export that loads it
-NETWORK_KEYS = ["num_classes", "spatial_dims", "context", "students"]
+NETWORK_KEYS = ["method", "num_classes", "spatial_dims", "context", "students"]
 # ... and these too between training and the evaluation/inference runs (same preprocessing and output folders)
-DATA_KEYS = ["method", "pixdim", "patch_size", "modality"]
+DATA_KEYS = ["pixdim", "patch_size", "modality"]
 
 
 # --------------------------------------------------------------------------------------- abdominal CT builder
