@@ -51,7 +51,7 @@ class SliceFeatureBank:
         self.slot_keys: list[tuple[str, int] | None] = [None] * self.capacity
         self.stamps = [-1] * self.capacity  # insertion counter per slot (-1: empty); smallest = oldest
         self.counter = 0
-        self.features: torch.Tensor | None = None
+        self.features: torch.Tensor | None = None  # (capacity, h, w, D): channels last, one pixel = one row
         self.inverse: torch.Tensor | None = None  # (capacity, 4, 4) float64: world -> feature pixel
         self.pixel_to_world: torch.Tensor | None = None
         self.volume: torch.Tensor | None = None  # (capacity,) long: vocabulary index, -1 empty or unknown
@@ -70,7 +70,7 @@ class SliceFeatureBank:
     def get(self, case_id: str, slice_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored ``(D, h, w)`` map and 4x4 ``pixel_to_world`` of one slice (KeyError if absent)."""
         slot = self.slots[(case_id, int(slice_index))]
-        return self.features[slot], self.pixel_to_world[slot]
+        return self.features[slot].permute(2, 0, 1), self.pixel_to_world[slot]
 
     def volume_index(self, case_id: str) -> int:
         if case_id not in self.vocabulary and not self.fixed_vocabulary:
@@ -80,7 +80,7 @@ class SliceFeatureBank:
     def _allocate(self, like: torch.Tensor) -> None:
         _, d, h, w = like.shape
         dev = like.device
-        self.features = torch.zeros(self.capacity, d, h, w, dtype=self.dtype, device=dev)
+        self.features = torch.zeros(self.capacity, h, w, d, dtype=self.dtype, device=dev)
         self.inverse = torch.zeros(self.capacity, 4, 4, dtype=torch.float64, device=dev)
         self.pixel_to_world = torch.zeros(self.capacity, 4, 4, dtype=torch.float64, device=dev)
         self.volume = torch.full((self.capacity,), -1, dtype=torch.long, device=dev)
@@ -118,9 +118,9 @@ class SliceFeatureBank:
             )
         if self.features is None:
             self._allocate(features)
-        elif features.shape[1:] != self.features.shape[1:]:
+        elif features.shape[1:] != self.features.permute(0, 3, 1, 2).shape[1:]:
             raise ValueError(
-                f"SliceFeatureBank holds maps of shape {tuple(self.features.shape[1:])}, got "
+                f"SliceFeatureBank holds maps of shape {tuple(self.features.permute(0, 3, 1, 2).shape[1:])}, got "
                 f"{tuple(features.shape[1:])}: train on patches of one size"
             )
         rows: dict[int, int] = {}  # slot -> batch row; a slice drawn twice in one batch keeps its last copy
@@ -132,7 +132,7 @@ class SliceFeatureBank:
         slots = torch.tensor(list(rows), dtype=torch.long, device=self.features.device)
         src = torch.tensor(list(rows.values()), dtype=torch.long, device=features.device)
         m = pixel_to_world.to(self.features.device, torch.float64)[src.to(self.features.device)]
-        self.features[slots] = features.detach()[src].to(self.features.device, self.dtype)
+        self.features[slots] = features.detach()[src].permute(0, 2, 3, 1).to(self.features.device, self.dtype)
         self.pixel_to_world[slots] = m
         self.inverse[slots] = torch.linalg.inv(m)
         volumes = [self.volume_index(str(case_ids[r])) for r in rows.values()]
@@ -141,63 +141,74 @@ class SliceFeatureBank:
     # ---- reading -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def read(
-        self, points: torch.Tensor, valid: torch.Tensor, max_slice_distance: float = 0.5
+        self,
+        points: torch.Tensor,
+        group: torch.Tensor,
+        to_volume: torch.Tensor,
+        valid: torch.Tensor,
+        max_slice_distance: float = 0.5,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum and count of the stored features found at world points, per query.
+        """Sum and count of the stored features found at the corresponding points of other volumes, per query.
 
         Args:
-            points: ``(N, V, 3)`` world points of ``N`` queries in each of the ``V`` vocabulary volumes.
-            valid: ``(N, V)`` which of those points exist (e.g. a registration was computed).
+            points: ``(N, 3)`` world points of the queries.
+            group: ``(N,)`` each query's source group in ``[0, U)`` (e.g. its volume; a batch has a few).
+            to_volume: ``(U, V, 4, 4)`` affines from group ``u``'s world to vocabulary volume ``v``'s world.
+            valid: ``(U, V)`` which of those affines exist.
             max_slice_distance: a stored slice answers a point within this many slice spacings of its plane.
 
-        A stored slice of volume ``v`` answers query ``n`` when ``valid[n, v]``, the point lies within
+        A stored slice of volume ``v`` answers query ``n`` when ``valid[group[n], v]``, the mapped point lies within
         ``max_slice_distance`` of the slice plane and inside the map (pixel centres ``0..h-1``, ``0..w-1``); it
         answers the bilinear interpolation of its map there. Returns ``(sum (N, D) float32, count (N,) long)``
-        over all answering slices. Fully batched: no loop over queries or entries.
+        over all answering slices. World -> entry pixel affines are composed once per (group, entry); queries
+        are processed per group (tensorised inside), never one by one.
         """
         n = points.shape[0]
+        dev = points.device if self.features is None else self.features.device
+        count = torch.zeros(n, dtype=torch.long, device=dev)
         if self.features is None or not self.slots:
-            return points.new_zeros(n, 0, dtype=torch.float32), torch.zeros(n, dtype=torch.long, device=points.device)
-        dev = self.features.device
-        points, valid = points.to(dev, torch.float64), valid.to(dev)
+            return torch.zeros(n, 0, device=dev), count
+        points, group = points.to(dev, torch.float64), group.to(dev)
+        to_volume, valid = to_volume.to(dev, torch.float64), valid.to(dev)
         entries = torch.tensor(sorted(self.slots.values()), dtype=torch.long, device=dev)
         volume = self.volume[entries]
-        if int(volume.max()) >= points.shape[1]:
-            raise ValueError(f"SliceFeatureBank.read: points cover {points.shape[1]} volumes, bank uses more")
-        known = volume >= 0
-        entries, volume = entries[known], volume[known]
-        d, h, w = self.features.shape[1:]
+        if int(volume.max()) >= to_volume.shape[1]:
+            raise ValueError(f"SliceFeatureBank.read: affines cover {to_volume.shape[1]} volumes, bank uses more")
+        entries, volume = entries[volume >= 0], volume[volume >= 0]
+        h, w, d = self.features.shape[1:]
         out = torch.zeros(n, d, dtype=torch.float32, device=dev)
-        count = torch.zeros(n, dtype=torch.long, device=dev)
         if entries.numel() == 0:
             return out, count
-        inv = self.inverse[entries]  # (E, 4, 4)
-        p = points[:, volume]  # (N, E, 3): each query's point in each entry's volume
-        pix = torch.einsum("erc,nec->ner", inv[:, :3, :3], p) + inv[:, :3, 3]  # (N, E, 3): i, j, slice offset
-        near = pix.round()
-        pix = torch.where((pix - near).abs() < _SNAP, near, pix)
-        hit = valid[:, volume] & (pix[..., 2].abs() <= max_slice_distance + _SNAP)
-        hit &= (pix[..., 0] >= 0) & (pix[..., 0] <= h - 1) & (pix[..., 1] >= 0) & (pix[..., 1] <= w - 1)
-        qn, qe = hit.nonzero(as_tuple=True)
-        if qn.numel() == 0:
+        composite = self.inverse[entries][None] @ to_volume[:, volume]  # (U, E, 4, 4): world of u -> pixel of e
+        usable = valid[:, volume]
+        hits = []
+        for u in torch.unique(group).tolist():
+            rows, cols = (group == u).nonzero().squeeze(1), usable[u].nonzero().squeeze(1)
+            if cols.numel() == 0:
+                continue
+            c, p = composite[u, cols, :3], points[rows]  # (E_u, 3, 4), (N_u, 3)
+            k = p @ c[:, 2, :3].t() + c[:, 2, 3]  # (N_u, E_u): offset from each slice plane, in slices
+            a, b = (k.abs() <= max_slice_distance + _SNAP).nonzero(as_tuple=True)
+            ij = (c[b, :2, :3] @ p[a, :, None])[..., 0] + c[b, :2, 3]  # (M_u, 2) pixel coordinates
+            hits.append((rows[a], cols[b], ij))
+        if not hits:
             return out, count
-        fi, fj = pix[qn, qe, 0], pix[qn, qe, 1]
-        i0, j0 = fi.floor().clamp(0, h - 1), fj.floor().clamp(0, w - 1)
-        di, dj = (fi - i0).float(), (fj - j0).float()
-        i0, j0 = i0.long(), j0.long()
+        qn, qe, ij = (torch.cat(x) for x in zip(*hits, strict=True))
+        near = ij.round()
+        ij = torch.where((ij - near).abs() < _SNAP, near, ij)
+        inside = (ij[:, 0] >= 0) & (ij[:, 0] <= h - 1) & (ij[:, 1] >= 0) & (ij[:, 1] <= w - 1)
+        qn, qe, ij = qn[inside], qe[inside], ij[inside]
+        lo = ij.floor()
+        frac = (ij - lo).float()
+        lo = lo.long()
+        i0, j0 = lo[:, 0], lo[:, 1]
         i1, j1 = (i0 + 1).clamp(max=h - 1), (j0 + 1).clamp(max=w - 1)
-        flat = self.features[entries[qe]].flatten(2).float()  # (M, D, h*w)
-
-        def at(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-            return flat.gather(2, (i * w + j).view(-1, 1, 1).expand(-1, d, 1))[..., 0]
-
-        value = (
-            at(i0, j0) * ((1 - di) * (1 - dj))[:, None]
-            + at(i1, j0) * (di * (1 - dj))[:, None]
-            + at(i0, j1) * ((1 - di) * dj)[:, None]
-            + at(i1, j1) * (di * dj)[:, None]
-        )
-        out.index_add_(0, qn, value)
+        corners_i, corners_j = torch.stack([i0, i1, i0, i1], 1), torch.stack([j0, j0, j1, j1], 1)
+        di, dj = frac[:, :1], frac[:, 1:]
+        weights = torch.cat([(1 - di) * (1 - dj), di * (1 - dj), (1 - di) * dj, di * dj], 1)  # (M, 4)
+        rows = (entries[qe][:, None] * h + corners_i) * w + corners_j  # (M, 4) rows of the (capacity*h*w, D) view
+        values = self.features.view(-1, d).index_select(0, rows.flatten()).view(-1, 4, d).float()
+        out.index_add_(0, qn, torch.bmm(weights[:, None], values)[:, 0])
         count += torch.bincount(qn, minlength=n)
         return out, count
 

@@ -198,8 +198,11 @@ class RegistrationPositives(nn.Module):
     def lookup(self, src_index: torch.Tensor, world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean registered feature ``(N, D)`` of anchors at ``world`` ``(N, 3)`` in volumes ``src_index``, and
         a ``found`` mask ``(N,)``; rows without any registered feature are zero."""
-        points, valid = self.correspondences.map_all(src_index, world)
-        total, count = self.bank.read(points, valid, self.max_slice_distance)
+        sources, group = torch.unique(src_index, return_inverse=True)  # the few volumes of a batch
+        known = sources.to(self.correspondences.valid.device) >= 0
+        s = sources.to(known.device).clamp(min=0)
+        affines, valid = self.correspondences.matrices[s], self.correspondences.valid[s] & known[:, None]
+        total, count = self.bank.read(world, group, affines, valid, self.max_slice_distance)
         return total / count.clamp(min=1)[:, None].to(total), count > 0
 
     def positives(
