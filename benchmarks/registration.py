@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -73,7 +74,7 @@ def known_transform_pairs(demo: dict, kind: str, size: str, n: int, work: Path, 
     """Register ``n`` known pairs of one kind and size; return the row of the results table."""
     cases = [c for g in ("labeled", "unlabeled", "validation", "test") for c in demo[g] if c.get("label")]
     settings = RegistrationSettings(kind=kind)
-    rows, sizes = [], set()
+    rows, sizes, load = [], set(), os.getloadavg()[0]
     for i in range(n):
         case = cases[i % len(cases)]
         moving = sitk.ReadImage(case["image"], sitk.sitkFloat32)
@@ -130,6 +131,7 @@ def known_transform_pairs(demo: dict, kind: str, size: str, n: int, work: Path, 
         "tre_max_mm": round(df["tre_max"].max(), 3),
         "tre_before_mm": round(df["tre_before"].mean(), 3),
         "dice_before": round(df["dice_before"].mean(), 4),
+        "load_avg": round(max(load, os.getloadavg()[0]), 2),  # 1-min load average on 2 cores: timings need ~<2
     }
 
 
@@ -148,6 +150,7 @@ def run_cli(*args: str) -> float:
 def whole_job(datalist: Path, kind: str, out: Path) -> dict:
     """Time precompute (2 workers x 1 thread), select and report on the demo dataset."""
     common = ["--datalist", str(datalist), "--out", str(out), "--kind", kind]
+    load = os.getloadavg()[0]
     pre = run_cli("precompute", *common, "--workers", "2", "--threads-per-worker", "1")
     sel = run_cli("select", *common)
     rep = run_cli("report", *common)
@@ -164,6 +167,7 @@ def whole_job(datalist: Path, kind: str, out: Path) -> dict:
         "report_sec": round(rep, 1),
         "reg_only_dice": round(float(summary.iloc[-1]["dice_mean"]), 4),
         "reg_only_hd95_mm": round(float(summary.iloc[-1]["hd95_mm_mean"]), 2),
+        "load_avg": round(max(load, os.getloadavg()[0]), 2),
     }
 
 

@@ -2,7 +2,8 @@
 
 import sys
 
-from registration.cli import main
+from registration.cli import console_logging, main
 
 if __name__ == "__main__":
+    console_logging()
     sys.exit(main())

@@ -12,9 +12,13 @@ import sys
 from pathlib import Path
 
 from registration.inputs import InputError, load_cases
+from registration.jobs import precompute, setup_logging
 from registration.params import KINDS, RegistrationSettings
+from registration.report import run_report
+from registration.select import Selection, run_select
+from registration.store import RegistrationStore
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "console_logging"]
 
 log = logging.getLogger("registration")
 
@@ -113,28 +117,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _store(args):
-    from registration.store import RegistrationStore
-
+def _store(args) -> RegistrationStore:
     store = RegistrationStore(args.out, args.kind)
     if args.datalist and Path(args.datalist).resolve() != Path(store.datalist).resolve():
         raise InputError(f"{args.datalist}: OUT/{args.kind} was computed from {store.datalist}; rerun precompute")
     return store
 
 
-def _how(args):
-    from registration.select import Selection
-
+def _how(args) -> Selection:
     return Selection(args.score, args.w_rmse, args.w_mi, args.label_interp)
+
+
+def _select_or_report(store, args) -> int:
+    """Run ``select`` or ``report``, logging to ``OUT/<kind>/<command>.log``; 1 if some case failed."""
+    handler = setup_logging(store.root / f"{args.command}.log")
+    try:
+        if args.command == "select":
+            result = run_select(store, _how(args), not args.no_progress)
+            for case, entry in result["cases"].items():
+                print(f"{case}: atlas {entry['choice']}")
+        else:
+            result = run_report(store, _how(args), not args.no_progress)
+            print(result["summary"].to_string(index=False))
+    finally:
+        logging.getLogger("registration").removeHandler(handler)
+        handler.close()
+    for case, why in result["failed"].items():
+        print(f"FAILED {case}: {why}")
+    return 1 if result["failed"] else 0
+
+
+def console_logging() -> None:
+    """Command-line use: warnings go to the console, everything (INFO) to the log files of the job."""
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         if args.command == "precompute":
-            from registration.jobs import precompute
-
             cases = load_cases(args.datalist, include_eval=not args.no_eval)
             settings = RegistrationSettings(
                 kind=args.kind,
@@ -160,22 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             print(summary)
             return 1 if summary.failed else 0
         store = _store(args)
-        if args.command == "select":
-            from registration.select import run_select
-
-            result = run_select(store, _how(args), not args.no_progress)
-            for case, entry in result["cases"].items():
-                print(f"{case}: atlas {entry['choice']}")
-            failed = result["failed"]
-        else:
-            from registration.report import run_report
-
-            result = run_report(store, _how(args), not args.no_progress)
-            print(result["summary"].to_string(index=False))
-            failed = result["failed"]
-        for case, why in failed.items():
-            print(f"FAILED {case}: {why}")
-        return 1 if failed else 0
+        return _select_or_report(store, args)
     except (InputError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

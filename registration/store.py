@@ -88,7 +88,10 @@ class RegistrationStore:
             raise KeyError(f"case {case_id!r} has no {key} (unlabelled cases never expose labels)")
         if key == "image":
             return sitk.ReadImage(case[key], sitk.sitkFloat32)
-        return sitk.ReadImage(case[key])
+        label = sitk.ReadImage(case[key])
+        if label.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):  # float-stored labels: round to integers
+            label = sitk.Cast(label + 0.5, sitk.sitkInt16)
+        return label
 
     def image(self, case_id: str) -> sitk.Image:
         return self._image(case_id, "image")

@@ -71,7 +71,7 @@ def test_pool_isolates_crash_hang_and_bad_volume(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(HOOKS_ENV, "c1__c2=crash,c2__c1=sleep:120")
     out = tmp_path / "out"
     args = ["--datalist", str(datalist), "--out", str(out), "--kind", "affine", "--no-progress"]
-    rc = main(["precompute", *args, "--workers", "2", "--timeout", "6"])
+    rc = main(["precompute", *args, "--workers", "2", "--timeout", "15"])
     assert rc == 1
     manifest = pd.read_csv(out / "affine" / "manifest.csv").set_index(["fixed", "moving"])
     assert len(manifest) == 12
@@ -81,7 +81,7 @@ def test_pool_isolates_crash_hang_and_bad_volume(tmp_path, monkeypatch, capsys):
     pairs = out / "affine" / "pairs"
     for stem, reason in [
         ("c1__c2", "SIGSEGV"),
-        ("c2__c1", "timeout after 6 s"),
+        ("c2__c1", "timeout after 15 s"),
         ("c3__c0", "constant"),
         ("c1__c3", "constant"),
     ]:
