@@ -78,6 +78,18 @@ def test_known_affine_recovered_in_the_stored_direction(affine_case):
     assert store.pair_path("f", "m", ".TransformParameters.0.txt").exists()
 
 
+def test_fallback_settings_register_too(affine_case, tmp_path):
+    """The retry's parameter maps (more samples, fewer levels, centre-of-gravity start) are valid and work."""
+    store, g, f = affine_case
+    c = store.cases
+    task = PairTask("f", "m", c["f"]["image"], c["m"]["image"], str(tmp_path), RegistrationSettings(), fallback=True)
+    record = register_pair(task, threads=1)
+    assert record["fallback"] is True and record["threads"] == 1
+    t = sitk.ReadTransform(str(task.transform_path))
+    pts = _foreground_ras(f, 100)
+    assert np.linalg.norm(_ras_truth(t, pts) - _ras_truth(g, pts), axis=1).mean() < 0.6
+
+
 def test_map_points_agrees_with_warp(affine_case):
     store, _, _ = affine_case
     label = sitk.GetArrayFromImage(store.label("m"))

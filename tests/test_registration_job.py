@@ -18,6 +18,7 @@ from registration.cli import main
 from registration.inputs import load_cases
 from registration.jobs import HOOKS_ENV, precompute
 from registration.params import RegistrationSettings
+from registration.store import RegistrationStore
 from registration.synthetic import known_pair, phantom, random_affine, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,12 +67,39 @@ def test_cli_rejects_missing_files_and_lists_every_problem(tmp_path):
     assert not (tmp_path / "out").exists()  # rejected before any work or output
 
 
+def test_help_documents_every_command(capsys):
+    for command, options in [
+        (
+            "precompute",
+            [
+                "--datalist",
+                "--kind",
+                "--workers",
+                "--threads-per-worker",
+                "--timeout",
+                "--fields",
+                "--scheduler",
+                "--dask-local",
+                "--grid-mm",
+                "--no-eval",
+            ],
+        ),
+        ("select", ["--score", "--w-rmse", "--w-mi", "--label-interp"]),
+        ("report", ["--score", "--out", "--kind"]),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert all(option in text for option in options), (command, text)
+
+
 def test_pool_isolates_crash_hang_and_bad_volume(tmp_path, monkeypatch, capsys):
     datalist = dataset(tmp_path, 3, bad="c3")
     monkeypatch.setenv(HOOKS_ENV, "c1__c2=crash,c2__c1=sleep:120")
     out = tmp_path / "out"
     args = ["--datalist", str(datalist), "--out", str(out), "--kind", "affine", "--no-progress"]
-    rc = main(["precompute", *args, "--workers", "2", "--timeout", "15"])
+    rc = main(["precompute", *args, "--workers", "2", "--timeout", "15", "--fields"])
     assert rc == 1
     manifest = pd.read_csv(out / "affine" / "manifest.csv").set_index(["fixed", "moving"])
     assert len(manifest) == 12
@@ -89,6 +117,12 @@ def test_pool_isolates_crash_hang_and_bad_volume(tmp_path, monkeypatch, capsys):
         assert side["status"] == "failed" and side["attempts"] == 2 and side["fallback"] is True
         assert reason in side["error"] and reason in side["previous_errors"][0]
         assert not (pairs / f"{stem}.h5").exists()
+    # low-resolution fields exist for the finished pairs only, and map points like the exact transform
+    fields = sorted(p.name for p in (out / "affine" / "fields").glob("*.nii.gz"))
+    assert fields == sorted(f"{f}__{m}.nii.gz" for f, m in ok)
+    store = RegistrationStore(out, "affine")
+    pts = (store.affine_ras("c1") @ np.c_[np.random.default_rng(0).uniform(2, 10, (20, 3)), np.ones(20)].T)[:3].T
+    np.testing.assert_allclose(store.field("c1", "c0").map_points(pts), store.map_points("c1", "c0", pts), atol=1e-3)
     printed = capsys.readouterr().out
     assert "4 computed, 8 failed" in printed and "FAILED c1__c2: worker crashed (SIGSEGV)" in printed
     # selection goes on for the good cases and reports the one without usable pairs
