@@ -85,6 +85,7 @@ def write_manifest(tasks: list[PairTask], path: Path, groups: dict[str, str]) ->
                 "kind": t.settings.kind,
                 "status": status,
                 "seconds": side.get("seconds"),
+                "cpu_seconds": side.get("cpu_seconds"),
                 "attempts": side.get("attempts"),
                 "fallback": side.get("fallback"),
                 "threads": side.get("threads"),
