@@ -15,7 +15,7 @@ from tests.test_trainer import tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "cctr_brain_demo" / "configs"
-METHODS = ["unet_ls", "cps", "cts"]
+METHODS = sorted(p.stem for p in (CONFIGS / "methods").glob("*.json"))
 # tiny students and volumes so that a bundle run takes seconds on 2 CPU cores
 TINY = {
     "num_classes": 3,

@@ -62,7 +62,8 @@ class SemiSupervisedTrainer(Trainer):
         max_epochs: number of ignite epochs; training runs ``max_epochs * epoch_length`` iterations.
         train_data_loader: iterable of mixed batches (endless is fine).
         networks: the students; each needs ``forward`` and, for feature terms, ``forward_features``.
-        optimizers: one optimiser per student (or one shared by all).
+        optimizers: the optimisers stepped every iteration (typically one per student, plus one for the loss
+            terms' own parameters such as contrastive projectors; see ``StudentOptimizers``).
         loss_terms: the :class:`LossTerm` list that defines the method.
         epoch_length: iterations per ignite epoch (the validation / checkpoint interval).
         prepare_batch: moves a batch to the device.
@@ -104,8 +105,8 @@ class SemiSupervisedTrainer(Trainer):
             raise ValueError(f"max_epochs ({max_epochs}) and epoch_length ({epoch_length}) must be positive")
         if not networks:
             raise ValueError("at least one network is needed")
-        if len(optimizers) not in (1, len(networks)):
-            raise ValueError(f"give one optimiser per network ({len(networks)}) or one shared optimiser")
+        if not optimizers:
+            raise ValueError("at least one optimiser is needed")
         for term in loss_terms:
             if len(networks) < term.min_students:
                 raise ValueError(f"loss term {term.name!r} needs {term.min_students} students, got {len(networks)}")
@@ -130,7 +131,8 @@ class SemiSupervisedTrainer(Trainer):
         )
         self.networks = nn.ModuleList(networks)
         self.optimizers = optimizers
-        self.loss_terms = nn.ModuleList(loss_terms)
+        # terms may own parameters and buffers (projectors, correspondence matrices): keep them with the students
+        self.loss_terms = nn.ModuleList(loss_terms).to(self.state.device)
         self.max_iterations = max_epochs * epoch_length
         self.grad_clip = grad_clip
         self.optim_set_to_none = optim_set_to_none
@@ -211,5 +213,5 @@ class SemiSupervisedTrainer(Trainer):
 
     def _clip(self) -> None:
         if self.grad_clip is not None:
-            for net in self.networks:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), self.grad_clip)
+            for module in (*self.networks, *self.loss_terms):
+                torch.nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
