@@ -142,8 +142,8 @@ def register_pair(task: PairTask, threads: int = 1) -> dict[str, Any]:
         "attempts": task.attempt,
         "fallback": task.fallback,
         "previous_errors": task.errors,
-        "threads": int(threads),
-        "threader": THREADER,
+        "threads": int(method.GetNumberOfThreads()),  # as ITK reports them, so tests check what is in effect
+        "threader": itk.MultiThreaderBase.ThreaderTypeToString(itk.MultiThreaderBase.GetGlobalDefaultThreader()),
         "settings": asdict(task.settings),
         "transform": task.transform_path.name,
         "parameter_files": names,
