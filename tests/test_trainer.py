@@ -271,3 +271,30 @@ def test_student_optimizers_and_poly_schedulers_checkpoint_as_one_object():
         PolySchedulers(StudentOptimizers(nets[:1]), 10).load_state_dict(sched.state_dict())
     with pytest.raises(ValueError, match="learning rates"):
         StudentOptimizers(nets, lrs=[1e-3])
+
+
+def test_resumable_checkpoint_handler_flags_and_incompatible_checkpoint(tmp_path):
+    from monai_ssl.engines.handlers import ResumableCheckpointHandler, latest_checkpoint
+
+    assert ResumableCheckpointHandler(tmp_path, {}, 2, resume="false").resume is False
+    assert ResumableCheckpointHandler(tmp_path, {}, 2, resume="True").resume is True
+    with pytest.raises(ValueError, match="boolean"):
+        ResumableCheckpointHandler(tmp_path, {}, 2, resume="maybe")
+    for it in (2, 10, 4):
+        torch.save(
+            {"net": FeatureUNet(2, 1, 2, channels=(4, 8)).state_dict()}, tmp_path / f"checkpoint_iteration={it}.pt"
+        )
+    (tmp_path / "checkpoint_iteration=x.pt").write_text("not ours")
+    assert latest_checkpoint(tmp_path).name == "checkpoint_iteration=10.pt"
+    trainer = SemiSupervisedTrainer(
+        "cpu",
+        1,
+        [],
+        [FeatureUNet(2, 1, 2, channels=(4, 8, 16))],
+        [torch.optim.SGD([torch.zeros(1, requires_grad=True)], 0.1)],
+        [SupervisedTerm()],
+    )
+    handler = ResumableCheckpointHandler(tmp_path, {"net": trainer.networks[0]}, 2)
+    handler.save_dict["trainer"] = trainer
+    with pytest.raises(RuntimeError, match="different configuration"):
+        handler.load_latest(trainer)

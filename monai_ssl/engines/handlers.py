@@ -30,6 +30,17 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint_ite
     return max(found)[1] if found else None
 
 
+def _flag(value: bool | str) -> bool:
+    """Booleans from configs and command lines (``--resume false`` arrives as the string ``"false"``)."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    return bool(value)
+
+
 class ResumableCheckpointHandler:
     """Save resumable checkpoints every ``interval`` iterations, and resume from the newest one at start.
 
@@ -50,7 +61,7 @@ class ResumableCheckpointHandler:
         save: bool = True,
     ):
         self.ckpt_dir, self.save_dict, self.interval = Path(ckpt_dir), dict(save_dict), int(interval)
-        self.resume, self.n_saved, self.save = resume, n_saved, save
+        self.resume, self.n_saved, self.save = _flag(resume), n_saved, _flag(save)
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
@@ -66,7 +77,13 @@ class ResumableCheckpointHandler:
             logger.info("no checkpoint to resume from in %s: training from scratch", self.ckpt_dir)
             return
         logger.info("resuming from %s", path)
-        CheckpointLoader(load_path=str(path), load_dict=self.save_dict, map_location=engine.state.device)(engine)
+        try:
+            CheckpointLoader(load_path=str(path), load_dict=self.save_dict, map_location=engine.state.device)(engine)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{path}: cannot resume from this checkpoint, it was written by a different configuration "
+                f"({str(e).splitlines()[0]}). Use another output folder or pass --resume False to start afresh."
+            ) from e
 
 
 class GradientAllReduce:
