@@ -475,21 +475,30 @@ def benchmark(
     return _tidy(pd.DataFrame(rows))
 
 
-def _tidy(df: pd.DataFrame) -> pd.DataFrame:
-    """Fixed column order, and each method's seconds per iteration relative to CTS at the same labelled count."""
+def _tidy(df: pd.DataFrame, ratios: bool = True) -> pd.DataFrame:
+    """Fixed column order and, with ``ratios``, each method's seconds per iteration relative to CTS at the same
+    labelled count (only meaningful within one run)."""
     for col in MAIN_COLUMNS + INFO_COLUMNS:
         if col not in df:
             df[col] = math.nan
-    cts = df[(df["method"] == BASELINE) & (df["status"] == "ok")].set_index("labeled")
-    for col in ("sec_per_iter", "cpu_sec_per_iter"):
-        df[f"{col}_vs_cts"] = df[col] / df["labeled"].map(cts[col])
+    if ratios:
+        cts = df[(df["method"] == BASELINE) & (df["status"] == "ok")].set_index("labeled")
+        for col in ("sec_per_iter", "cpu_sec_per_iter"):
+            df[f"{col}_vs_cts"] = df[col] / df["labeled"].map(cts[col])
     per_class = sorted(c for c in df.columns if c not in MAIN_COLUMNS + INFO_COLUMNS)
     classes = [c for c in per_class if c.startswith("dice_")] + [c for c in per_class if c.startswith("hd95_")]
     return df[MAIN_COLUMNS + classes + INFO_COLUMNS]
 
 
-def write_results(df: pd.DataFrame, path: str | os.PathLike = RESULT) -> Path:
-    """Write the result table atomically."""
+def write_results(df: pd.DataFrame, path: str | os.PathLike = RESULT, append: bool = False) -> Path:
+    """Write the result table atomically; with ``append``, keep the rows of an existing table whose
+    (method, labeled, mode) this run did not measure (ratios to CTS stay those of each row's own run)."""
+    if append and Path(path).exists():
+        old = pd.read_csv(path)
+        key = ["method", "labeled", "mode"]
+        measured = set(df[key].astype(str).itertuples(index=False))
+        old = old[[k not in measured for k in old[key].astype(str).itertuples(index=False)]]
+        df = _tidy(pd.concat([old, df], ignore_index=True), ratios=False)
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
     return Path(path)
@@ -549,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--registration-kind", default="affine", help="registration kind (affine)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="run folders (runs/benchmarks/methods)")
     parser.add_argument("--out", type=Path, default=RESULT, help="result CSV (benchmarks/results/methods.csv)")
+    parser.add_argument(
+        "--append", action="store_true", help="keep rows of --out for (method, labeled, mode) not measured now"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -575,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         registration_kind=args.registration_kind,
         progress=not args.no_progress,
     )
-    path = write_results(df, args.out)
+    path = write_results(df, args.out, append=args.append)
     _print_report(df, settings)
     print(f"\nwrote {path}")
     failed = df[df["status"] != "ok"]

@@ -92,13 +92,23 @@ def test_two_methods_train_evaluate_and_unknown_or_unready_methods_are_reported(
     assert table.columns.tolist() == [(1, "Dice"), (1, "HD95 (mm)")]
 
 
-def test_main_exits_nonzero_for_unknown_method_without_training(tmp_path, capsys):
+def test_main_exits_nonzero_for_unknown_method_and_appends_rows(tmp_path, capsys):
     out = tmp_path / "m.csv"
-    code = bm.main(["--methods", "cctr_missing", "--out", str(out), "--work-dir", str(tmp_path), "--no-progress"])
-    assert code == 1
+    args = ["--out", str(out), "--work-dir", str(tmp_path), "--no-progress"]
+    assert bm.main(["--methods", "cctr_missing", *args]) == 1
     row = pd.read_csv(out).iloc[0]
     assert row["method"] == "cctr_missing" and row["status"].startswith("not available")
     assert "NOT OK cctr_missing" in capsys.readouterr().err
+    # --append keeps the rows of other (method, labeled, mode) keys and replaces those measured again
+    assert bm.main(["--methods", "other_missing,cctr_missing", "--labeled", "1", "--quick", "--append", *args]) == 1
+    assert bm.main(["--methods", "other_missing", "--quick", "--append", *args]) == 1
+    table = pd.read_csv(out)
+    assert sorted(zip(table["method"], table["mode"], strict=True)) == [
+        ("cctr_missing", "full"),
+        ("cctr_missing", "quick"),
+        ("other_missing", "quick"),
+    ]
+    assert list(table.columns) == bm.MAIN_COLUMNS + bm.INFO_COLUMNS
 
 
 def test_labeled_datalist_resplits_by_patient_keeping_eval_groups_and_nested_labels(tmp_path):
