@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from monai_ssl.data.converters import resplit_datalist
 from monai_ssl.data.datalist import GROUPS, load_datalist, split_cases
@@ -76,6 +77,7 @@ INFO_COLUMNS = [
     "cpu_sec_per_iter",
     "cpu_sec_per_iter_vs_cts",
     "data_sec_per_iter",
+    "threads",
     "iterations",
     "patch_size",
     "batch_size",
@@ -437,7 +439,8 @@ def benchmark(
     base_registration = Path(registration_dir).resolve()
     overrides = {"registration_kind": registration_kind, **dict(overrides or {})}
     rows = []
-    for n in labeled_counts:
+    methods = list(dict.fromkeys(methods))  # a method measured twice in one run would make its rows ambiguous
+    for n in dict.fromkeys(labeled_counts):
         dl_path: Path | None = None
         for i, method in enumerate(methods, 1):
             logger.info("[%d labelled] method %d/%d: %s", n, i, len(methods), method)
@@ -454,6 +457,7 @@ def benchmark(
                     row.update(reg_only_metrics(reg, registration_kind))
                 else:
                     row.update(
+                        threads=torch.get_num_threads(),
                         iterations=settings.iterations,
                         patch_size="x".join(map(str, settings.patch_size)),
                         batch_size=settings.batch_size,
@@ -482,7 +486,7 @@ def _tidy(df: pd.DataFrame, ratios: bool = True) -> pd.DataFrame:
         if col not in df:
             df[col] = math.nan
     if ratios:
-        cts = df[(df["method"] == BASELINE) & (df["status"] == "ok")].set_index("labeled")
+        cts = df[(df["method"] == BASELINE) & (df["status"] == "ok")].drop_duplicates("labeled").set_index("labeled")
         for col in ("sec_per_iter", "cpu_sec_per_iter"):
             df[f"{col}_vs_cts"] = df[col] / df["labeled"].map(cts[col])
     per_class = sorted(c for c in df.columns if c not in MAIN_COLUMNS + INFO_COLUMNS)
@@ -553,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch", type=int, nargs=2, default=None, help="override the preset's patch size (96 96)")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size (8)")
     parser.add_argument("--seed", type=int, default=0, help="training seed and re-split seed (0)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine; 0: torch's default)"
+    )
     parser.add_argument("--datalist", type=Path, default=DEFAULT_DATALIST, help="datalist (demo dataset)")
     parser.add_argument("--registration-dir", type=Path, default=DEFAULT_REGISTRATION, help="registration output")
     parser.add_argument("--registration-kind", default="affine", help="registration kind (affine)")
@@ -568,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     preset = PRESETS["quick" if args.quick else "full"]
     settings = BenchmarkSettings(
         mode=preset.mode,
