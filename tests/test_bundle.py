@@ -27,7 +27,19 @@ TINY = {
     "student_1#embed_dim": 12,
     "student_1#num_heads": [1, 2, 2, 4],
     "student_1#window_size": 4,
+    "mcsc_scales": [[2, 4], [4, 4]],  # the tiny U-Net's coarsest map has stride 4
 }
+
+
+def tiny_overrides(method: str) -> dict:
+    """TINY, with a tiny U-Net as the second student where the method uses two U-Nets (CPS)."""
+    import json
+
+    second = json.loads((CONFIGS / "methods" / f"{method}.json").read_text()).get("student_1#name", "swin_unet")
+    if second != "unet":
+        return dict(TINY)
+    out = {k: v for k, v in TINY.items() if not k.startswith("student_1#")}
+    return dict(out, **{"student_1#channels": [4, 8, 16], "student_1#num_res_units": 1})
 
 
 def configs(*names):
@@ -50,14 +62,42 @@ def test_metadata_verifies_offline_against_repo_schema():
         jsonschema.validate(meta, schema)
 
 
+@pytest.fixture(scope="module")
+def tiny_registered(tmp_path_factory):
+    """A tiny dataset and a real (affine) registration output for it, for the registration-guided methods."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("tiny_registered")
+    datalist = tiny_dataset(root / "data")
+    for cmd in ("precompute", "select"):
+        extra = ["--workers", "1", "--no-eval", "--no-progress"] if cmd == "precompute" else ["--no-progress"]
+        res = subprocess.run(
+            [sys.executable, "-m", "registration", cmd, "--datalist", str(datalist), "--out", str(root / "reg")]
+            + ["--kind", "affine", *extra],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+    return root
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_check_properties_train_and_inference(method):
+def test_check_properties_train_and_inference(method, tiny_registered):
+    overrides = dict(
+        tiny_overrides(method), dataset_dir=str(tiny_registered / "data"), registration_dir=str(tiny_registered / "reg")
+    )
+    infer = {"input_dir": str(tiny_registered / "data" / "datalist.json"), "input_groups": ["validation"]}
     for workflow_type, files in (("train", ("train.json",)), ("infer", ("inference.json",))):
+        if workflow_type == "infer":
+            overrides.update(infer)
         wf = ConfigWorkflow(
             config_file=[str(CONFIGS / f) for f in files] + [str(CONFIGS / "methods" / f"{method}.json")],
             meta_file=str(CONFIGS / "metadata.json"),
             logging_file=str(CONFIGS / "logging.conf"),
             workflow_type=workflow_type,
+            **overrides,
         )
         wf.initialize()
         assert wf.check_properties() == [], (workflow_type, method)
@@ -71,6 +111,17 @@ def oblique_input(tmp_path, src: str) -> str:
     aff[:3, :3] = np.array([[-c, s, 0], [-s, -c, 0], [0, 0, 1]]) @ np.diag(img.header.get_zooms()[:3])
     aff[:3, 3] = [12.0, -7.0, 30.0]
     return write_nifti(tmp_path / "oblique" / "obl_case.nii.gz", np.asarray(img.dataobj), aff, np.float32)
+
+
+def test_cctr_bundle_trains_with_registration_terms(tmp_path, tiny_registered):
+    out = tmp_path / "runs"
+    common = dict(TINY, dataset_dir=str(tiny_registered / "data"), registration_dir=str(tiny_registered / "reg"))
+    run("training", config_file=configs("train.json", "methods/cctr.json"), max_iterations=2, val_interval=2,
+        output_root=str(out), **common)  # fmt: skip
+    ckpt = torch.load(out / "cctr" / "models" / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=False)
+    # the contrastive projector is checkpointed with the students, and an optimiser steps it
+    assert any("projector" in k for k in ckpt["loss_terms"])
+    assert len(ckpt["optimizer"]["items"]) == 3
 
 
 @pytest.mark.slow
