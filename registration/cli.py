@@ -82,10 +82,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="B-spline final grid spacing in mm (default max(20, 2 x largest voxel spacing))",
     )
-    pre.add_argument("--resolutions", type=int, default=3, help="pyramid levels (default 3)")
-    pre.add_argument("--affine-iterations", type=int, default=256, help="iterations per level, affine (256)")
-    pre.add_argument("--bspline-iterations", type=int, default=150, help="iterations per level, B-spline (150)")
-    pre.add_argument("--samples", type=int, default=2048, help="random spatial samples per iteration (2048)")
+    d = RegistrationSettings()
+    pre.add_argument(
+        "--affine-levels", type=int, default=d.affine_levels, help=f"affine pyramid levels ({d.affine_levels})"
+    )
+    pre.add_argument(
+        "--affine-iterations",
+        type=int,
+        default=d.affine_iterations,
+        help=f"affine iterations per level ({d.affine_iterations})",
+    )
+    pre.add_argument(
+        "--affine-samples",
+        type=int,
+        default=d.affine_samples,
+        help=f"affine random samples per iteration ({d.affine_samples})",
+    )
+    pre.add_argument(
+        "--bspline-levels", type=int, default=d.bspline_levels, help=f"B-spline levels ({d.bspline_levels})"
+    )
+    pre.add_argument(
+        "--bspline-iterations",
+        type=int,
+        default=d.bspline_iterations,
+        help=f"B-spline iterations per level ({d.bspline_iterations})",
+    )
+    pre.add_argument(
+        "--bspline-samples",
+        type=int,
+        default=d.bspline_samples,
+        help=f"B-spline random samples per iteration ({d.bspline_samples})",
+    )
     pre.add_argument("--no-eval", action="store_true", help="skip the validation/test <-> labelled pairs")
     pre.add_argument(
         "--fields",
@@ -161,14 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "precompute":
             cases = load_cases(args.datalist, include_eval=not args.no_eval)
-            settings = RegistrationSettings(
-                kind=args.kind,
-                grid_mm=args.grid_mm,
-                resolutions=args.resolutions,
-                affine_iterations=args.affine_iterations,
-                bspline_iterations=args.bspline_iterations,
-                samples=args.samples,
+            names = (
+                "grid_mm",
+                "affine_levels",
+                "affine_iterations",
+                "affine_samples",
+                "bspline_levels",
+                "bspline_iterations",
+                "bspline_samples",
             )
+            settings = RegistrationSettings(kind=args.kind, **{n: getattr(args, n) for n in names})
             summary = precompute(
                 cases,
                 args.out,

@@ -145,7 +145,7 @@ def test_bspline_recovers_a_smooth_deformation(tmp_path):
     g = sitk.CompositeTransform([affine, random_deformation(m, np.random.default_rng(6), 24, 2.0)])
     f, _ = known_pair(m, g, m_label)
     datalist = write_dataset(tmp_path, {"m": ("labeled", m, m_label), "f": ("unlabeled", f, None)})
-    settings = RegistrationSettings(kind="bspline", grid_mm=12, bspline_iterations=60, resolutions=2)
+    settings = RegistrationSettings(kind="bspline", grid_mm=12, bspline_iterations=60, bspline_levels=2)
     cases = load_cases(datalist)
     task = plan_pairs(cases.training, [], tmp_path / "out" / "bspline" / "pairs", settings)[1]
     assert (task.fixed, task.moving) == ("f", "m")
