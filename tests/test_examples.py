@@ -487,7 +487,7 @@ def test_abdomen_ct_walkthrough_matches_the_builder(builder):
     parsers = [c.parser for c in bundle_calls("abdomen_ct.md") if c.command == "run"]
     datalists = {str(_resolved(p, "datalist")) for p in parsers if "datalist" in p}
     inputs = {str(p["input_dir"]) for p in parsers if "input_dir" in p}
-    assert inputs == {f"{out}/datalist.json", f"{out}/images"}, inputs
+    assert inputs == {f"{out}/datalist.json", f"{out}/images/real00.nii.gz"}, inputs
     assert datalists and all(_same_path(d, Path(out) / "datalist.json") for d in datalists), datalists
     args = [registration_parser().parse_args(a) for a in cli_calls("abdomen_ct.md", "registration")]
     assert {(a.command, a.kind) for a in args} == {(c, k) for c in ("precompute", "select", "report") for k in KINDS}
