@@ -370,7 +370,7 @@ def test_walkthrough_bundle_calls_match_the_configs(name):
     calls = bundle_calls(name)
     assert {c.positional[0] for c in calls if c.command == "run" and c.positional} == {"training", "evaluating"}
     trained = {Path(f).stem for c in calls if c.positional == ["training"] for f in c.files if "/methods/" in f}
-    assert trained == set(METHODS), f"{name}: methods trained {sorted(trained)}"
+    assert set(METHODS) <= trained, f"{name}: methods trained {sorted(trained)}"
     for call in calls:
         where = f"{name}: {call.command} {call.positional} {call.files}"
         for f in call.files:
