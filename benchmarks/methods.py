@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import math
 import os
@@ -230,8 +231,7 @@ def _registration(*args: str) -> None:
 
 
 def _store_datalist(root: Path) -> str | None:
-    import json
-
+    """The datalist a registration output folder was computed from (its ``cases.json``), or None."""
     table = root / "cases.json"
     return json.loads(table.read_text()).get("datalist") if table.exists() else None
 
