@@ -43,7 +43,7 @@ demo: install
 		$(BUNDLE_ARGS)
 	@echo "== 5/6 inference bundle on a test volume =="
 	$(PY) -m monai.bundle run --config_file "['$(BUNDLE)/inference.json','$(BUNDLE)/methods/$(DEMO_METHOD).json']" \
-		--output_root $(OUT_ROOT) --input_dir $(DEMO_DIR)/datalist.json --uncertainty true \
+		--output_root $(OUT_ROOT) --input_dir $(DEMO_DIR)/datalist.json --uncertainty True \
 		--output_dir $(OUT_ROOT)/$(DEMO_METHOD)/inference
 	@echo "== 6/6 results =="
 	@$(PY) -c "import pandas as pd; print(pd.read_csv('$(OUT_ROOT)/$(DEMO_METHOD)/eval/metrics_summary.csv').to_string(index=False))"
