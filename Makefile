@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 BUNDLE := bundles/cctr_brain_demo/configs
 REG_DIR ?= runs/demo/registration
 DEMO_METHOD ?= cctr
-DEMO_ITERS ?= 200
+DEMO_ITERS ?= 500
 DEMO_VAL ?= 100
 OUT_ROOT ?= runs/demo/bundle
 BUNDLE_ARGS = --dataset_dir $(DEMO_DIR) --registration_dir $(REG_DIR) --output_root $(OUT_ROOT)

@@ -298,3 +298,28 @@ def test_resumable_checkpoint_handler_flags_and_incompatible_checkpoint(tmp_path
     handler.save_dict["trainer"] = trainer
     with pytest.raises(RuntimeError, match="different configuration"):
         handler.load_latest(trainer)
+
+
+def test_resume_refuses_a_checkpoint_of_a_run_with_another_length(tmp_path):
+    from monai_ssl.engines.handlers import ResumableCheckpointHandler
+
+    def trainer_of(max_epochs):
+        net = FeatureUNet(2, 1, 2, channels=(4, 8))
+        opt = torch.optim.SGD(net.parameters(), 0.1)
+        return SemiSupervisedTrainer("cpu", max_epochs, [], [net], [opt], [SupervisedTerm()], epoch_length=100)
+
+    old = trainer_of(2)  # a 200-iteration run stopped at iteration 200
+    old.state.iteration, old.state.epoch = 200, 2
+    torch.save(
+        {"net": old.networks[0].state_dict(), "trainer": old.state_dict()}, tmp_path / "checkpoint_iteration=200.pt"
+    )
+    longer = trainer_of(5)
+    handler = ResumableCheckpointHandler(tmp_path, {"net": longer.networks[0]}, 100)
+    handler.save_dict["trainer"] = longer
+    with pytest.raises(RuntimeError, match="run of 200 iterations and this run asks for 500"):
+        handler.load_latest(longer)
+    same = trainer_of(2)
+    handler = ResumableCheckpointHandler(tmp_path, {"net": same.networks[0]}, 100)
+    handler.save_dict["trainer"] = same
+    handler.load_latest(same)
+    assert same.state.iteration == 200

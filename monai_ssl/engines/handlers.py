@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
@@ -77,6 +78,7 @@ class ResumableCheckpointHandler:
             logger.info("no checkpoint to resume from in %s: training from scratch", self.ckpt_dir)
             return
         logger.info("resuming from %s", path)
+        self._check_length(path, engine)
         try:
             CheckpointLoader(load_path=str(path), load_dict=self.save_dict, map_location=engine.state.device)(engine)
         except RuntimeError as e:
@@ -84,6 +86,22 @@ class ResumableCheckpointHandler:
                 f"{path}: cannot resume from this checkpoint, it was written by a different configuration "
                 f"({str(e).splitlines()[0]}). Use another output folder or pass --resume False to start afresh."
             ) from e
+
+    @staticmethod
+    def _check_length(path: Path, engine: Engine) -> None:
+        """Refuse a checkpoint of a run with another length: its schedules (learning rate, loss weights) would
+        not continue this run's, e.g. a 200-iteration run's learning rate is already 0 at iteration 200."""
+        saved = torch.load(path, map_location="cpu", weights_only=True).get("trainer")
+        if not saved or "max_epochs" not in saved or "epoch_length" not in saved:
+            return
+        before = int(saved["max_epochs"]) * int(saved["epoch_length"])
+        now = int(engine.state.max_epochs) * int(engine.state.epoch_length)
+        if before != now:
+            raise RuntimeError(
+                f"{path}: cannot resume, this checkpoint belongs to a run of {before} iterations and this run asks "
+                f"for {now}; the learning-rate and loss-weight schedules depend on the run's length. Use another "
+                "output folder or pass --resume False to start afresh."
+            )
 
 
 class GradientAllReduce:

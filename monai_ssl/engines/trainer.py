@@ -184,6 +184,8 @@ class SemiSupervisedTrainer(Trainer):
                 if term.needs_unlabeled and (unlabeled is None or unlabeled[Keys.IMAGE].shape[0] == 0):
                     continue
                 weight = float(term.weight(iteration, engine.max_iterations))
+                if weight == 0.0:
+                    continue
                 value = term(ctx)
                 total = total + weight * value
                 values[term.name], weights[term.name] = value.detach(), weight
@@ -208,6 +210,8 @@ class SemiSupervisedTrainer(Trainer):
             engine._clip()
             for opt in engine.optimizers:
                 opt.step()
+        for term in engine.loss_terms:
+            term.step_completed(iteration)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["WeightSchedule", "ConstantWeight", "GaussianRampUp", "LinearSchedule", "as_schedule"]
+__all__ = ["WeightSchedule", "ConstantWeight", "GaussianRampUp", "LinearSchedule", "WarmupWeight", "as_schedule"]
 
 WeightSchedule = Callable[[int, int], float]
 
@@ -56,6 +56,23 @@ class LinearSchedule:
 
     def __repr__(self) -> str:
         return f"LinearSchedule({self.start} -> {self.end})"
+
+
+class WarmupWeight:
+    """``weight`` for the first iterations, then 0: a term used only as a warm-up (e.g. contrastive pretraining).
+
+    The warm-up lasts ``warmup_iterations``, or ``warmup_fraction * max_iterations`` when that is not given.
+    """
+
+    def __init__(self, weight: float = 1.0, warmup_iterations: int | None = None, warmup_fraction: float = 0.2):
+        self.weight, self.warmup_iterations, self.warmup_fraction = float(weight), warmup_iterations, warmup_fraction
+
+    def __call__(self, iteration: int, max_iterations: int) -> float:
+        end = self.warmup_iterations if self.warmup_iterations is not None else self.warmup_fraction * max_iterations
+        return self.weight if iteration < end else 0.0
+
+    def __repr__(self) -> str:
+        return f"WarmupWeight({self.weight}, warmup_iterations={self.warmup_iterations})"
 
 
 def as_schedule(weight: float | WeightSchedule) -> WeightSchedule:

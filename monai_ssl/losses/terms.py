@@ -55,7 +55,9 @@ class LossTerm(nn.Module):
     """Base class: a named, weighted loss. Subclasses implement ``forward(ctx) -> scalar``.
 
     Class attributes tell the trainer what the term needs: ``needs_features`` (decoder features),
-    ``needs_unlabeled`` (skip the term on a batch without unlabelled slices) and ``min_students``.
+    ``needs_unlabeled`` (skip the term on a batch without unlabelled slices) and ``min_students``. A term whose
+    weight is 0 at an iteration is not evaluated (e.g. a warm-up-only term), and ``step_completed`` runs after
+    every optimiser step whether or not the term was evaluated.
     """
 
     needs_features = False
@@ -69,6 +71,9 @@ class LossTerm(nn.Module):
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def step_completed(self, iteration: int) -> None:
+        """Called once per iteration after the optimisers stepped (e.g. to update an EMA teacher)."""
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weight={self.weight!r}"
