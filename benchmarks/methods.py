@@ -1,4 +1,4 @@
-"""Test-set Dice/HD95 and training seconds per iteration of each method of the ``cctr_brain_demo`` bundle.
+"""Test-set Dice/HD95/IoU/BF1 and training seconds per iteration of each method of the ``cctr_brain_demo`` bundle.
 
 A method is ``configs/train.json`` plus ``configs/methods/<name>.json``; every override file present is a
 method. ``reg_only`` is the registration job's own label propagation (its ``report``), not a training run.
@@ -45,6 +45,7 @@ __all__ = [
     "PRESETS",
     "REG_ONLY",
     "RESULT",
+    "SUMMARY_FIGURES",
     "BenchmarkSettings",
     "NotAvailable",
     "StepTimer",
@@ -73,7 +74,14 @@ RESULT = Path(__file__).parent / "results" / "methods.csv"
 DEFAULT_DATALIST = REPO / "data" / "demo_brain" / "datalist.json"
 DEFAULT_REGISTRATION = REPO / "runs" / "demo" / "registration"
 DEFAULT_WORK = REPO / "runs" / "benchmarks" / "methods"
-MAIN_COLUMNS = ["method", "labeled", "mode", "dice_mean", "hd95_mean_mm", "sec_per_iter", "sec_per_iter_vs_cts"]
+# result column -> (per-class prefix, column of the evaluation summary); the order is that of the table
+SUMMARY_FIGURES = {
+    "dice_mean": ("dice", "dice_mean"),
+    "hd95_mean_mm": ("hd95", "hd95_mm_mean"),
+    "iou_mean": ("iou", "iou_mean"),
+    "bf1_mean": ("bf1", "bf1_mean"),
+}
+MAIN_COLUMNS = ["method", "labeled", "mode", *SUMMARY_FIGURES, "sec_per_iter", "sec_per_iter_vs_cts"]
 INFO_COLUMNS = [
     "cpu_sec_per_iter",
     "cpu_sec_per_iter_vs_cts",
@@ -312,15 +320,18 @@ def _registration_for(
 
 # ---- metrics -----------------------------------------------------------------------------------------------
 def metrics_row(summary: pd.DataFrame) -> dict[str, float]:
-    """``dice_mean``/``hd95_mean_mm`` (the ``overall`` row) and ``dice_<class>``/``hd95_<class>`` of a summary
-    table as written by :func:`monai_ssl.metrics.report.summarize_metrics`."""
+    """The :data:`SUMMARY_FIGURES` (``dice_mean``, ``hd95_mean_mm``, ``iou_mean``, ``bf1_mean``: the ``overall``
+    row) and ``dice_<class>``/``hd95_<class>``/``iou_<class>``/``bf1_<class>`` of a summary table as written by
+    :func:`monai_ssl.metrics.report.summarize_metrics`; a figure the summary lacks is NaN."""
     overall = summary[summary["class_name"] == "overall"]
     if len(overall) != 1:
         raise ValueError("metrics summary has no single 'overall' row")
-    row = {"dice_mean": float(overall["dice_mean"].iloc[0]), "hd95_mean_mm": float(overall["hd95_mm_mean"].iloc[0])}
-    for _, r in summary[summary["class_name"] != "overall"].iterrows():
-        row[f"dice_{r['class_name']}"] = float(r["dice_mean"])
-        row[f"hd95_{r['class_name']}"] = float(r["hd95_mm_mean"])
+    classes = summary[summary["class_name"] != "overall"]
+    row: dict[str, float] = {}
+    for name, (prefix, column) in SUMMARY_FIGURES.items():
+        values = summary[column] if column in summary else pd.Series(math.nan, index=summary.index)
+        row[name] = float(values[overall.index[0]])
+        row.update({f"{prefix}_{c}": float(values[i]) for i, c in classes["class_name"].items()})
     return row
 
 
@@ -474,7 +485,8 @@ def benchmark(
             except Exception as e:  # a failing method is reported, the others still run
                 logger.error("%s (%d labelled) failed:\n%s", method, n, traceback.format_exc())
                 row["status"] = " ".join(f"failed: {type(e).__name__}: {e}".split())[:500]
-            logger.info("%s (%d labelled): %s", method, n, {k: row.get(k) for k in MAIN_COLUMNS[3:6]})
+            figures = [*SUMMARY_FIGURES, "sec_per_iter"]
+            logger.info("%s (%d labelled): %s", method, n, {k: row.get(k) for k in figures})
             rows.append(row)
     return _tidy(pd.DataFrame(rows))
 
@@ -490,7 +502,7 @@ def _tidy(df: pd.DataFrame, ratios: bool = True) -> pd.DataFrame:
         for col in ("sec_per_iter", "cpu_sec_per_iter"):
             df[f"{col}_vs_cts"] = df[col] / df["labeled"].map(cts[col])
     per_class = sorted(c for c in df.columns if c not in MAIN_COLUMNS + INFO_COLUMNS)
-    classes = [c for c in per_class if c.startswith("dice_")] + [c for c in per_class if c.startswith("hd95_")]
+    classes = [c for prefix, _ in SUMMARY_FIGURES.values() for c in per_class if c.startswith(f"{prefix}_")]
     return df[MAIN_COLUMNS + classes + INFO_COLUMNS]
 
 

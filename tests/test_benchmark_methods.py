@@ -45,7 +45,9 @@ def test_two_methods_train_evaluate_and_unknown_or_unready_methods_are_reported(
         progress=False,
     )
     per_class = [f"dice_{c}" for c in CLASSES] + [f"hd95_{c}" for c in CLASSES]
-    assert list(df.columns) == bm.MAIN_COLUMNS + per_class + bm.INFO_COLUMNS
+    overlap = [f"{m}_{c}" for m in ("iou", "bf1") for c in CLASSES]
+    assert bm.MAIN_COLUMNS[3:7] == ["dice_mean", "hd95_mean_mm", "iou_mean", "bf1_mean"]
+    assert list(df.columns) == bm.MAIN_COLUMNS + per_class + overlap + bm.INFO_COLUMNS
     assert df["method"].tolist() == ["unet_ls", "cts", "no_such_method", "cts_rsl"]
     ok = df[df["status"] == "ok"].set_index("method")
     assert ok.index.tolist() == ["unet_ls", "cts"]
@@ -58,6 +60,12 @@ def test_two_methods_train_evaluate_and_unknown_or_unready_methods_are_reported(
         # one test case, both classes present in its label: the overall figures are the class means
         assert row["dice_mean"] == pytest.approx(np.mean([row["dice_blob"], row["dice_ring"]]))
         assert row["hd95_mean_mm"] == pytest.approx(np.mean([row["hd95_blob"], row["hd95_ring"]]))
+        # IoU and boundary F1 in [0, 1]; IoU = Dice / (2 - Dice) per class (one case)
+        assert ((row[["iou_mean", "bf1_mean", *overlap]] >= 0) & (row[["iou_mean", "bf1_mean", *overlap]] <= 1)).all()
+        assert row["iou_mean"] == pytest.approx(np.mean([row["iou_blob"], row["iou_ring"]]))
+        assert row["bf1_mean"] == pytest.approx(np.mean([row["bf1_blob"], row["bf1_ring"]]))
+        for c in CLASSES:
+            assert row[f"iou_{c}"] == pytest.approx(row[f"dice_{c}"] / (2 - row[f"dice_{c}"]), abs=1e-6)
         # Dice recomputed with numpy from the saved test prediction (the test group, not validation)
         pred = np.asarray(
             nib.load(tmp_path / "work" / "labeled_1" / method / "eval" / "predictions" / "tst_seg.nii.gz").dataobj
@@ -150,7 +158,10 @@ def test_reg_only_metrics_summarise_test_rows_of_the_registration_report(tmp_pat
             "hd95_blob": 4.0,
             "dice_ring": 0.6,
             "hd95_ring": 4.0,
-        }
+            # the registration report has no IoU or boundary F1: left NaN
+            **{f"{m}_{c}": np.nan for m in ("iou", "bf1") for c in ("mean", "blob", "ring")},
+        },
+        nan_ok=True,
     )
 
 

@@ -1,15 +1,17 @@
 """Per-volume, per-class segmentation metrics in millimetres, and evaluation reports.
 
-- :mod:`.segmentation`: Dice and HD95 (MONAI's definitions, real voxel spacing) per class and volume with an
-  explicit empty-mask policy (``status`` per row), and :class:`MillimetreSegmentationMetric` for ignite
-  validation that reads the spacing from MetaTensor affines.
-- :mod:`.report`: :class:`SegmentationReport` writes per-case and summary CSVs and PNG overlays.
+- :mod:`.segmentation`: Dice, IoU (Jaccard), HD95 in mm and boundary F1 with a tolerance in mm (default
+  :data:`DEFAULT_BF1_TOLERANCE_MM` = 2 mm) per class and volume, from MONAI's definitions with the real voxel
+  spacing and an explicit empty-mask policy (``status`` per row), and :class:`MillimetreSegmentationMetric`
+  (any of those four) for ignite validation that reads the spacing from MetaTensor affines.
+- :mod:`.report`: :class:`SegmentationReport` writes per-case and summary (mean, std) CSVs and PNG overlays.
 """
 
 from monai_ssl.metrics.report import SegmentationReport, foreground_slices, save_overlay, summarize_metrics
 from monai_ssl.metrics.segmentation import (
     BOTH_EMPTY,
     CASE_COLUMNS,
+    DEFAULT_BF1_TOLERANCE_MM,
     GT_EMPTY,
     OK,
     PRED_EMPTY,
@@ -24,6 +26,7 @@ from monai_ssl.metrics.segmentation import (
 __all__ = [
     "BOTH_EMPTY",
     "CASE_COLUMNS",
+    "DEFAULT_BF1_TOLERANCE_MM",
     "GT_EMPTY",
     "OK",
     "PRED_EMPTY",

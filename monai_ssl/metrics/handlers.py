@@ -1,8 +1,8 @@
 """Ignite handler that fills a :class:`SegmentationReport` from an evaluator running inference.
 
 Predictions arrive already inverted onto each input's own grid; the handler reads the original label file
-(``label_path``) and image, so Dice and HD95 are measured where the expert drew the label, in millimetres of
-that grid, and never on a resampled copy.
+(``label_path``) and image, so Dice, IoU, HD95 and boundary F1 are measured where the expert drew the label, in
+millimetres of that grid, and never on a resampled copy.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ __all__ = ["SegmentationReportHandler"]
 
 
 class SegmentationReportHandler:
-    """Add each evaluated case to ``report`` and write its CSV files when the evaluator completes."""
+    """Add each evaluated case to ``report`` and write its CSV files when the evaluator completes.
+
+    The metric settings (e.g. the boundary F1 tolerance, ``bf1_tolerance_mm``) are the report's.
+    """
 
     def __init__(
         self,

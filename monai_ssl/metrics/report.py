@@ -24,6 +24,7 @@ from monai_ssl.fileio import atomic_path
 from monai_ssl.metrics.segmentation import (
     BOTH_EMPTY,
     CASE_COLUMNS,
+    DEFAULT_BF1_TOLERANCE_MM,
     GT_EMPTY,
     PRED_EMPTY,
     ArrayLike,
@@ -35,6 +36,7 @@ from monai_ssl.metrics.segmentation import (
 
 __all__ = [
     "SUMMARY_COLUMNS",
+    "SUMMARY_METRICS",
     "class_colours",
     "foreground_slices",
     "save_overlay",
@@ -44,13 +46,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+SUMMARY_METRICS = ["dice", "hd95_mm", "iou", "bf1"]  # per-case columns summarised as <name>_mean, <name>_std
 SUMMARY_COLUMNS = [
     "class_index",
     "class_name",
-    "dice_mean",
-    "dice_std",
-    "hd95_mm_mean",
-    "hd95_mm_std",
+    *(f"{m}_{stat}" for m in SUMMARY_METRICS for stat in ("mean", "std")),
     "n_used",
     "n_excluded",
     "n_gt_empty",
@@ -61,13 +61,14 @@ OVERLAY_ALPHA = 0.45
 
 def _summary_row(class_index: Any, class_name: str, rows: pd.DataFrame) -> dict[str, Any]:
     used = rows[rows["status"] != BOTH_EMPTY]
+    stats: dict[str, Any] = {}
+    for m in SUMMARY_METRICS:
+        values = used[m] if m in used else pd.Series(dtype=float)  # an absent metric: mean and std NaN
+        stats.update({f"{m}_mean": values.mean(), f"{m}_std": values.std()})
     return {
         "class_index": class_index,
         "class_name": class_name,
-        "dice_mean": used["dice"].mean(),
-        "dice_std": used["dice"].std(),
-        "hd95_mm_mean": used["hd95_mm"].mean(),
-        "hd95_mm_std": used["hd95_mm"].std(),
+        **stats,
         "n_used": len(used),
         "n_excluded": len(rows) - len(used),
         "n_gt_empty": int((rows["status"] == GT_EMPTY).sum()),
@@ -76,11 +77,13 @@ def _summary_row(class_index: Any, class_name: str, rows: pd.DataFrame) -> dict[
 
 
 def summarize_metrics(cases: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample std (ddof=1, NaN for a single value) of Dice and HD95 per class, plus an ``overall`` row.
+    """Mean and sample std (ddof=1, NaN for a single value) of each of :data:`SUMMARY_METRICS` (Dice, HD95, IoU,
+    boundary F1) per class, plus an ``overall`` row.
 
     ``both_empty`` rows are excluded and counted in ``n_excluded``; ``gt_empty``/``pred_empty`` rows are used
-    (Dice 0, HD95 = diagonal) and counted too. The ``overall`` row (``class_index`` empty) pools all used
-    (case, class) rows, so its counts are of rows, not cases.
+    (Dice, IoU and BF1 0, HD95 = diagonal) and counted too. The ``overall`` row (``class_index`` empty) pools all
+    used (case, class) rows, so its counts are of rows, not cases. A metric column missing from ``cases`` (e.g. a
+    per-case table of the registration job, which has only Dice and HD95) summarises to NaN.
     """
     rows = [_summary_row(int(idx), name, grp) for (idx, name), grp in cases.groupby(["class_index", "class_name"])]
     rows.append(_summary_row(pd.NA, "overall", cases))
@@ -175,6 +178,7 @@ class SegmentationReport:
 
     Overlays are drawn as cases are added, so volumes are not kept in memory; pass ``overlay_dir=None`` or
     ``overlay_slices=0`` to skip them. File names are relative to ``output_dir`` (absolute paths also work).
+    ``bf1_tolerance_mm`` is the boundary F1 tolerance; every per-case row records it.
     """
 
     def __init__(
@@ -189,11 +193,13 @@ class SegmentationReport:
         overlay_slices: int = 3,
         panel_inches: float = 3.0,
         dpi: int = 100,
+        bf1_tolerance_mm: float = DEFAULT_BF1_TOLERANCE_MM,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.num_classes = num_classes
         self.class_names = class_name_list(class_names, num_classes)
         self.include_background = include_background
+        self.bf1_tolerance_mm = bf1_tolerance_mm
         self.cases_csv = self.output_dir / cases_csv
         self.summary_csv = self.output_dir / summary_csv
         self.overlay_dir = None if overlay_dir is None or overlay_slices <= 0 else self.output_dir / overlay_dir
@@ -224,7 +230,16 @@ class SegmentationReport:
         if case_id in self._case_ids:
             raise ValueError(f"case {case_id!r} was already added to this report.")
         p, g, spacing_mm = prepare_label_maps(pred, label, self.num_classes, spacing, case_id)
-        rows = case_metrics(p, g, self.num_classes, spacing_mm, self.class_names, self.include_background, case_id)
+        rows = case_metrics(
+            p,
+            g,
+            self.num_classes,
+            spacing_mm,
+            self.class_names,
+            self.include_background,
+            case_id,
+            self.bf1_tolerance_mm,
+        )
         overlay = self.overlay_path(case_id)
         if overlay is not None:
             img = None if image is None else np.asarray(image, dtype=np.float32)
@@ -245,7 +260,10 @@ class SegmentationReport:
             )
         self._rows.extend(rows)
         self._case_ids.add(case_id)
-        summary = ", ".join(f"{r['class_name']} Dice {r['dice']:.3f} HD95 {r['hd95_mm']:.1f} mm" for r in rows)
+        summary = ", ".join(
+            f"{r['class_name']} Dice {r['dice']:.3f} IoU {r['iou']:.3f} HD95 {r['hd95_mm']:.1f} mm BF1 {r['bf1']:.3f}"
+            for r in rows
+        )
         logger.info("case %s: %s", case_id, summary)
         return rows
 

@@ -1,25 +1,35 @@
-"""Per-volume, per-class Dice and 95% Hausdorff distance in millimetres, with an explicit empty-mask policy.
+"""Per-volume, per-class Dice, IoU, 95% Hausdorff distance and boundary F1 in mm, with an explicit empty-mask policy.
 
-Both metrics come from MONAI (``compute_dice``, ``compute_hausdorff_distance(percentile=95)``); HD95 always gets
-the volume's real voxel spacing, so anisotropic volumes (e.g. 1.75 x 1.75 x 5 mm) are measured in mm, not voxels.
+Dice and IoU (Jaccard) come from MONAI (``compute_dice``, ``compute_iou``). HD95 and boundary F1 share one call of
+MONAI's ``get_edge_surface_distance`` (the surface distances ``compute_hausdorff_distance`` uses), always with the
+volume's real voxel spacing, so anisotropic volumes (e.g. 1.75 x 1.75 x 5 mm) are measured in mm, not voxels.
 
-**HD95 definition** (MONAI's, symmetric): the *surface* of a binary mask is the set of its voxels removed by one
-binary erosion with the face-connected (cross) structuring element, voxels outside the array counting as
-background, so foreground touching the array border is surface. For every surface voxel of one mask, take the
-Euclidean distance in mm (voxel index times spacing) to the nearest surface voxel of the other mask. HD95 =
-max(q95(pred -> gt), q95(gt -> pred)), where q95 is the 95th percentile with linear interpolation between order
-statistics (``torch.quantile``, the same as numpy's default ``"linear"`` method).
+**Surfaces** (MONAI's ``get_mask_edges`` without sub-voxel areas): the surface of a binary mask is the set of its
+voxels removed by one binary erosion with the face-connected (cross) structuring element, voxels outside the array
+counting as background, so foreground touching the array border is surface. For every surface voxel of one mask,
+the surface distance is the Euclidean distance in mm (voxel index times spacing) to the nearest surface voxel of the
+other mask.
 
-**Empty-mask policy**, per class (never a silent perfect 0 mm; MONAI itself returns NaN or inf here):
+**HD95** (MONAI's, symmetric) = max(q95(pred -> gt), q95(gt -> pred)), where q95 is the 95th percentile with linear
+interpolation between order statistics (``torch.quantile``, the same as numpy's default ``"linear"`` method).
 
-==============  ===============================  ==============================  ============
-status          condition                        Dice                            HD95 (mm)
-==============  ===============================  ==============================  ============
-``ok``          both non-empty                   MONAI value                     MONAI value
-``both_empty``  prediction and ground truth      NaN (excluded from means)       NaN
-``gt_empty``    only the prediction has voxels   0 (a false positive)            diagonal
-``pred_empty``  only the ground truth has voxels 0 (a missed structure)          diagonal
-==============  ===============================  ==============================  ============
+**Boundary F1** (BF1) with a tolerance ``bf1_tolerance_mm`` (default 2.0 mm, :data:`DEFAULT_BF1_TOLERANCE_MM`):
+precision P = the fraction of predicted surface voxels whose distance to the ground-truth surface is <= the
+tolerance, recall R = the fraction of ground-truth surface voxels within the tolerance of the predicted surface,
+BF1 = 2PR / (P + R), and 0 when P + R = 0. Distances are float32, so the tolerance is compared in float32 too: a
+tolerance equal to a voxel step (e.g. 1.75) counts a one-step offset as within it. BF1 scores how much of the
+outline is right regardless of the region's size, where Dice and IoU are dominated by large interiors.
+
+**Empty-mask policy**, per class (never a silent perfect score; MONAI itself returns NaN or inf here):
+
+==============  ===============================  ==================  ===========  ============
+status          condition                        Dice, IoU           HD95 (mm)    BF1
+==============  ===============================  ==================  ===========  ============
+``ok``          both non-empty                   MONAI values        MONAI value  as above
+``both_empty``  prediction and ground truth      NaN (not in means)  NaN          NaN
+``gt_empty``    only the prediction has voxels   0 (false positive)  diagonal     0
+``pred_empty``  only the ground truth has voxels 0 (missed)          diagonal     0
+==============  ===============================  ==================  ===========  ============
 
 "diagonal" is :func:`diagonal_mm`, the distance between the centres of opposite corner voxels: the largest
 HD95 any pair of non-empty masks on this grid can reach, i.e. the worst case, finite so it enters means.
@@ -36,8 +46,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
-from monai.metrics import CumulativeIterationMetric, compute_dice, compute_hausdorff_distance
-from monai.metrics.utils import do_metric_reduction, prepare_spacing
+from monai.metrics import CumulativeIterationMetric, compute_dice, compute_iou
+from monai.metrics.utils import do_metric_reduction, get_edge_surface_distance, prepare_spacing
 from monai.utils import MetricReduction
 
 # MONAI 1.6 warns on every HD95 call about its own internal use of a deprecated argument; it is not ours.
@@ -49,6 +59,8 @@ __all__ = [
     "GT_EMPTY",
     "PRED_EMPTY",
     "CASE_COLUMNS",
+    "DEFAULT_BF1_TOLERANCE_MM",
+    "METRIC_FIELDS",
     "ClassResult",
     "binary_metrics",
     "case_metrics",
@@ -65,7 +77,21 @@ BOTH_EMPTY = "both_empty"
 GT_EMPTY = "gt_empty"
 PRED_EMPTY = "pred_empty"
 
-CASE_COLUMNS = ["case_id", "class_index", "class_name", "dice", "hd95_mm", "pred_voxels", "gt_voxels", "status"]
+CASE_COLUMNS = [
+    "case_id",
+    "class_index",
+    "class_name",
+    "dice",
+    "hd95_mm",
+    "iou",
+    "bf1",
+    "bf1_tolerance_mm",
+    "pred_voxels",
+    "gt_voxels",
+    "status",
+]
+DEFAULT_BF1_TOLERANCE_MM = 2.0
+METRIC_FIELDS = {"dice": "dice", "hd95": "hd95_mm", "iou": "iou", "bf1": "bf1"}  # metric name -> ClassResult field
 
 ArrayLike = np.ndarray | torch.Tensor
 SpacingLike = float | Sequence[float] | None
@@ -76,6 +102,9 @@ class ClassResult(NamedTuple):
 
     dice: float
     hd95_mm: float
+    iou: float
+    bf1: float
+    bf1_tolerance_mm: float
     pred_voxels: int
     gt_voxels: int
     status: str
@@ -179,25 +208,51 @@ def prepare_label_maps(
     return p, g, spacing_mm
 
 
-def binary_metrics(pred: torch.Tensor, gt: torch.Tensor, spacing: Sequence[float], hd95: bool = True) -> ClassResult:
-    """Dice and HD95 (mm) of one binary mask pair, applying the module's empty-mask policy.
+def _check_tolerance(bf1_tolerance_mm: float) -> float:
+    """The boundary F1 tolerance as a float, rejected unless finite and >= 0 mm."""
+    tolerance = float(bf1_tolerance_mm)
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"bf1_tolerance_mm must be a finite distance >= 0 mm, got {bf1_tolerance_mm!r}.")
+    return tolerance
 
-    ``hd95=False`` skips the (costly) distance computation and reports NaN for it on non-empty pairs.
+
+def _surface_metrics(
+    pred: torch.Tensor, gt: torch.Tensor, spacing: Sequence[float], bf1_tolerance_mm: float
+) -> tuple[float, float]:
+    """HD95 (mm) and boundary F1 of two non-empty masks from one symmetric surface-distance computation."""
+    _, (pred_to_gt, gt_to_pred), _ = get_edge_surface_distance(pred, gt, spacing=list(spacing), symmetric=True)
+    hd95 = max(float(torch.quantile(d.float(), 0.95)) for d in (pred_to_gt, gt_to_pred))
+    limit = torch.tensor(bf1_tolerance_mm, dtype=pred_to_gt.dtype)
+    precision = float((pred_to_gt <= limit).double().mean())
+    recall = float((gt_to_pred <= limit).double().mean())
+    bf1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return hd95, bf1
+
+
+def binary_metrics(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    spacing: Sequence[float],
+    surface: bool = True,
+    bf1_tolerance_mm: float = DEFAULT_BF1_TOLERANCE_MM,
+) -> ClassResult:
+    """Dice, HD95 (mm), IoU and boundary F1 of one binary mask pair, applying the module's empty-mask policy.
+
+    ``surface=False`` skips the (costly) surface distances and reports NaN for HD95 and BF1 on non-empty pairs.
     """
+    tolerance = _check_tolerance(bf1_tolerance_mm)
     pred, gt = pred.bool(), gt.bool()
     n_pred, n_gt = int(pred.sum()), int(gt.sum())
     if n_pred == 0 and n_gt == 0:
-        return ClassResult(math.nan, math.nan, 0, 0, BOTH_EMPTY)
+        return ClassResult(math.nan, math.nan, math.nan, math.nan, tolerance, 0, 0, BOTH_EMPTY)
     if n_pred == 0 or n_gt == 0:
-        return ClassResult(0.0, diagonal_mm(gt.shape, spacing), n_pred, n_gt, PRED_EMPTY if n_pred == 0 else GT_EMPTY)
+        status = PRED_EMPTY if n_pred == 0 else GT_EMPTY
+        return ClassResult(0.0, diagonal_mm(gt.shape, spacing), 0.0, 0.0, tolerance, n_pred, n_gt, status)
     p, g = pred[None, None].float(), gt[None, None].float()
     dice = float(compute_dice(p, g, include_background=True, ignore_empty=False)[0, 0])
-    hd = math.nan
-    if hd95:
-        hd = float(
-            compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=list(spacing))[0, 0]
-        )
-    return ClassResult(dice, hd, n_pred, n_gt, OK)
+    iou = float(compute_iou(p, g, include_background=True, ignore_empty=False)[0, 0])
+    hd, bf1 = _surface_metrics(pred, gt, spacing, tolerance) if surface else (math.nan, math.nan)
+    return ClassResult(dice, hd, iou, bf1, tolerance, n_pred, n_gt, OK)
 
 
 def class_name_list(class_names: Sequence[str] | Mapping[Any, str] | None, num_classes: int) -> list[str]:
@@ -220,29 +275,31 @@ def case_metrics(
     class_names: Sequence[str] | Mapping[Any, str] | None = None,
     include_background: bool = False,
     case_id: str = "",
+    bf1_tolerance_mm: float = DEFAULT_BF1_TOLERANCE_MM,
 ) -> list[dict[str, Any]]:
-    """Per-class Dice and HD95 (mm) of one volume, one row (dict with :data:`CASE_COLUMNS`) per class.
+    """Per-class Dice, HD95 (mm), IoU and boundary F1 of one volume, one row (:data:`CASE_COLUMNS`) per class.
 
     Inputs and ``spacing`` are as in :func:`prepare_label_maps`; rows follow the empty-mask policy in the
-    module docstring and always carry ``status`` and the voxel counts.
+    module docstring and always carry ``status``, the voxel counts and the BF1 tolerance (mm) they used.
     """
     p, g, spacing_mm = prepare_label_maps(pred, label, num_classes, spacing, case_id)
     names = class_name_list(class_names, num_classes)
     rows = []
     for c in range(0 if include_background else 1, num_classes):
-        result = binary_metrics(p == c, g == c, spacing_mm)
+        result = binary_metrics(p == c, g == c, spacing_mm, bf1_tolerance_mm=bf1_tolerance_mm)
         rows.append({"case_id": case_id, "class_index": c, "class_name": names[c], **result._asdict()})
     return rows
 
 
 class MillimetreSegmentationMetric(CumulativeIterationMetric):
-    """Dice or HD95 in mm per batch item and class, for validation loops (MONAI ``IgniteMetricHandler``).
+    """Dice, IoU, HD95 (mm) or boundary F1 per batch item and class, for validation loops (``IgniteMetricHandler``).
 
     Inputs are binarised one-hot ``(B, C, *spatial)`` tensors or lists of channel-first ones, as for MONAI's
     metrics. The spacing comes from the affine of ``y`` (else ``y_pred``) when it is a MetaTensor, so values are
     millimetres, unlike MONAI's ignite ``HausdorffDistance`` handler, which passes no spacing (voxel units).
     A ``spacing=`` keyword at call time overrides it (same forms as MONAI's ``prepare_spacing``). The empty-mask
-    policy of this module applies; ``both_empty`` entries are NaN and skipped by the reduction.
+    policy of this module applies; ``both_empty`` entries are NaN and skipped by the reduction. ``metric`` is one
+    of :data:`METRIC_FIELDS`; ``bf1_tolerance_mm`` is the boundary F1 tolerance (only used by ``"bf1"``).
 
     Example::
 
@@ -256,11 +313,13 @@ class MillimetreSegmentationMetric(CumulativeIterationMetric):
         include_background: bool = False,
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
+        bf1_tolerance_mm: float = DEFAULT_BF1_TOLERANCE_MM,
     ) -> None:
         super().__init__()
-        if metric not in ("dice", "hd95"):
-            raise ValueError(f"metric must be 'dice' or 'hd95', got {metric!r}.")
+        if metric not in METRIC_FIELDS:
+            raise ValueError(f"metric must be one of {sorted(METRIC_FIELDS)}, got {metric!r}.")
         self.metric = metric
+        self.bf1_tolerance_mm = _check_tolerance(bf1_tolerance_mm)
         self.include_background = include_background
         self.reduction = reduction
         self.get_not_nans = get_not_nans
@@ -282,11 +341,12 @@ class MillimetreSegmentationMetric(CumulativeIterationMetric):
         if ((pred != 0) & (pred != 1)).any() or ((gt != 0) & (gt != 1)).any():
             raise ValueError("y_pred and y must be binarised one-hot, e.g. AsDiscrete(argmax=True, to_onehot=C).")
         first = 0 if self.include_background else 1
+        surface = self.metric in ("hd95", "bf1")
         out = torch.empty((batch, y_pred.shape[1] - first), dtype=torch.float32)
         for b, c in np.ndindex(batch, y_pred.shape[1] - first):
             s = _spacing_tuple(spacings[b], spatial_dims, f"batch item {b}: ")
-            result = binary_metrics(pred[b, c + first], gt[b, c + first], s, hd95=self.metric == "hd95")
-            out[b, c] = result.dice if self.metric == "dice" else result.hd95_mm
+            result = binary_metrics(pred[b, c + first], gt[b, c + first], s, surface, self.bf1_tolerance_mm)
+            out[b, c] = getattr(result, METRIC_FIELDS[self.metric])
         return out
 
     def aggregate(
