@@ -43,14 +43,14 @@ def blob_case(tmp_path, name="case_a", shape=(26, 30, 7)):
     return img, lab, label
 
 
-def run(cases, out_dir, uncertainty=False, handlers=None):
+def run(cases, out_dir, uncertainty=False, handlers=None, network=None, variance=False):
     pre = inference_preprocessing(modality="CT", pixdim=(1.0, 1.0, -1.0), ct_window=(0.0, 1000.0))
     evaluator = SupervisedEvaluator(
         device="cpu",
         val_data_loader=DataLoader(Dataset(cases, pre), batch_size=1),
-        network=StudentEnsemble([Threshold(), Threshold()]),
+        network=StudentEnsemble([Threshold(), Threshold()]) if network is None else network,
         inferer=SliceInferer(roi_size=(16, 16), spatial_dim=2, sw_batch_size=4),
-        postprocessing=inference_postprocessing(pre, out_dir, uncertainty=uncertainty),
+        postprocessing=inference_postprocessing(pre, out_dir, uncertainty=uncertainty, variance=variance),
         val_handlers=handlers,
     )
     evaluator.run()

@@ -2,7 +2,8 @@
 
 The preprocessing is :func:`monai_ssl.data.transforms.volume_transforms` without labels (reorient to RAS,
 resample in-plane, normalise); MONAI's ``Invertd`` undoes it on the softmax probabilities, so label maps
-and the optional entropy map are written on the input's own voxel grid, with its affine and header.
+and the optional entropy (and refinement variance) maps are written on the input's own voxel grid, with its
+affine and header.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ __all__ = [
     "inference_preprocessing",
     "inference_postprocessing",
     "EntropyMapd",
+    "SplitLastChanneld",
     "SaveVolumed",
 ]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 PRED_KEY = "pred"
 ENTROPY_KEY = "entropy"
+VARIANCE_KEY = "variance"
 
 
 def case_id_of(path: str | os.PathLike) -> str:
@@ -120,6 +123,21 @@ class EntropyMapd(MapTransform):
         return d
 
 
+class SplitLastChanneld(MapTransform):
+    """Move the last channel of ``keys`` to ``output_key`` (e.g. the refinement variance a
+    :class:`~monai_ssl.networks.ensemble.StudentEnsemble` with ``refine_variance`` appends to its logits)."""
+
+    def __init__(self, keys: str = PRED_KEY, output_key: str = VARIANCE_KEY):
+        super().__init__(keys)
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.output_key], d[key] = d[key][-1:], d[key][:-1]
+        return d
+
+
 class SaveVolumed(MapTransform):
     """Write channel-first volumes as NIfTI on the input's grid, atomically, as ``<case_id><suffix>``.
 
@@ -172,20 +190,28 @@ class SaveVolumed(MapTransform):
 
 
 def inference_postprocessing(
-    preprocessing: Compose, output_dir: str | os.PathLike | None = None, uncertainty: bool = False
+    preprocessing: Compose,
+    output_dir: str | os.PathLike | None = None,
+    uncertainty: bool = False,
+    variance: bool = False,
 ) -> Compose:
     """Softmax -> invert the preprocessing on the probabilities -> (entropy) -> argmax -> (save).
 
     Probabilities are resampled back (bilinear), then the argmax taken on the input's grid, which is more
-    accurate than resampling a label map.
+    accurate than resampling a label map. ``variance``: the network's last channel is the diffusion refinement's
+    per-pixel variance (``StudentEnsemble(refine_variance=True)``); it is split off before the softmax, inverted
+    the same way and saved as ``<case>_variance.nii.gz``.
     """
-    steps: list = [
+    inverted = [PRED_KEY, VARIANCE_KEY] if variance else [PRED_KEY]
+    steps: list = [SplitLastChanneld(PRED_KEY, VARIANCE_KEY)] if variance else []
+    steps += [
         Activationsd(PRED_KEY, softmax=True),
-        Invertd(PRED_KEY, transform=preprocessing, orig_keys=IMAGE_KEY, nearest_interp=False, to_tensor=True),
+        Invertd(inverted, transform=preprocessing, orig_keys=IMAGE_KEY, nearest_interp=False, to_tensor=True),
     ]
     if uncertainty:
         steps.append(EntropyMapd(PRED_KEY, ENTROPY_KEY))
     steps.append(AsDiscreted(PRED_KEY, argmax=True))
     if output_dir is not None:
-        steps.append(SaveVolumed([PRED_KEY, ENTROPY_KEY] if uncertainty else [PRED_KEY], output_dir))
+        saved = [PRED_KEY] + ([ENTROPY_KEY] if uncertainty else []) + ([VARIANCE_KEY] if variance else [])
+        steps.append(SaveVolumed(saved, output_dir))
     return Compose(steps)

@@ -1,4 +1,4 @@
-"""Inference over several students: their logits averaged, as one exportable module."""
+"""Inference over several students: their logits averaged, optionally refined, as one exportable module."""
 
 from __future__ import annotations
 
@@ -13,18 +13,61 @@ __all__ = ["StudentEnsemble"]
 class StudentEnsemble(nn.Module):
     """Mean of the students' logits (the cross-teaching inference rule); one student passes through.
 
-    It is a plain ``nn.Module`` whose ``forward`` returns a tensor, so MONAI inferers, ``ckpt_export`` and
-    TorchScript tracing treat it like any single network.
+    It is a plain ``nn.Module`` whose ``forward`` returns a tensor, so MONAI inferers (``SliceInferer`` feeds it
+    slice batches), ``ckpt_export`` and TorchScript tracing treat it like any single network.
+
+    Optional diffusion-style refinement: ``refiner`` (a :class:`~monai_ssl.losses.diffusion.DiffusionRefiner`,
+    or any module ``refiner(image, probs, steps, samples, generator) -> (mean_probs, variance)``) is saved with
+    the students, so their checkpoints carry it. With ``refine_steps > 0`` the forward refines the softmax of
+    the mean logits and returns ``log(mean_probs)``: logits whose softmax is the refined mean, so downstream
+    softmax/argmax/entropy need no change. ``refine_variance`` appends the refinement's per-pixel variance as
+    one last channel (zeros without refinement), for the inference bundle's uncertainty output.
+
+    Args:
+        networks: the students.
+        refiner: optional refinement module (None: plain mean logits, same state dict as before).
+        refine_steps: diffusion steps to noise and denoise (0: off; the output is then the mean logits exactly).
+        refine_samples: refinement samples averaged per pixel.
+        refine_variance: append the variance channel.
+        refine_seed: seed of a generator created per forward (reproducible output); None draws from torch's
+            global generator.
     """
 
-    def __init__(self, networks: Sequence[nn.Module]):
+    def __init__(
+        self,
+        networks: Sequence[nn.Module],
+        refiner: nn.Module | None = None,
+        refine_steps: int = 0,
+        refine_samples: int = 4,
+        refine_variance: bool = False,
+        refine_seed: int | None = 0,
+    ):
         super().__init__()
         if len(networks) == 0:
             raise ValueError("StudentEnsemble needs at least one network")
+        if int(refine_steps) < 0 or int(refine_samples) < 1:
+            raise ValueError(f"StudentEnsemble: need refine_steps >= 0 and refine_samples >= 1, got "
+                             f"{refine_steps} and {refine_samples}")  # fmt: skip
+        if refiner is None and int(refine_steps) > 0:
+            raise ValueError(
+                f"StudentEnsemble: refine_steps={refine_steps} needs a refiner, and this configuration has none "
+                "(train a method with monai_ssl.losses.diffusion.DiffusionRefinementTerm and set network_def#refiner)"
+            )
         self.networks = nn.ModuleList(networks)
+        self.refiner = refiner
+        self.refine_steps, self.refine_samples = int(refine_steps), int(refine_samples)
+        self.refine_variance, self.refine_seed = bool(refine_variance), refine_seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.networks[0](x)
         for net in self.networks[1:]:
             out = out + net(x)
-        return out / len(self.networks)
+        out = out / len(self.networks)
+        if self.refiner is None or self.refine_steps == 0:
+            return torch.cat([out, out.new_zeros(out[:, :1].shape)], 1) if self.refine_variance else out
+        generator = None
+        if self.refine_seed is not None:
+            generator = torch.Generator(device=x.device).manual_seed(int(self.refine_seed))
+        probs, variance = self.refiner(x, out.float().softmax(1), self.refine_steps, self.refine_samples, generator)
+        refined = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        return torch.cat([refined, variance], 1) if self.refine_variance else refined
