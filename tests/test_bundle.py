@@ -124,6 +124,32 @@ def test_cctr_bundle_trains_with_registration_terms(tmp_path, tiny_registered):
     assert len(ckpt["optimizer"]["items"]) == 3
 
 
+@pytest.mark.parametrize("method, teacher_key", [("mt", "1.teacher"), ("uamt", "1.teacher"), ("fixmatch", "1.teacher"),
+                                                 ("hstf", "2.teacher"), ("hybrid", "1.teacher")])  # fmt: skip
+def test_teacher_methods_train_and_checkpoint_their_teacher(tmp_path, tiny_registered, method, teacher_key):
+    out = tmp_path / "runs"
+    common = dict(tiny_overrides(method), dataset_dir=str(tiny_registered / "data"), output_root=str(out))
+    run("training", config_file=configs("train.json", f"methods/{method}.json"), max_iterations=2, val_interval=2,
+        mc_samples=2, **common)  # fmt: skip
+    ckpt = torch.load(out / method / "models" / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=False)
+    assert int(ckpt["loss_terms"][f"{teacher_key}.updates"]) == 2  # the EMA teacher followed both steps
+    # no optimiser for the frozen teacher: one AdamW per student only
+    # one AdamW per student (the frozen teacher has none), plus one for hybrid's InfoNCE heads and denoiser
+    assert len(ckpt["optimizer"]["items"]) == (2 if method in ("hstf", "hybrid") else 1)
+    if method == "hybrid":  # evaluation refines with the trained denoiser (steps from the override, here 2)
+        run("evaluating", config_file=configs("train.json", "evaluate.json", "methods/hybrid.json"),
+            eval_groups=["validation"], refine_steps=2, refine_samples=2, **common)  # fmt: skip
+        summary = pd.read_csv(out / "hybrid" / "eval" / "metrics_summary.csv")
+        assert summary["dice_mean"].notna().any()
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(configs("train.json", "evaluate.json", "methods/hybrid.json"))
+        parser.update(dict(common, refine_steps=2))
+        ensemble = parser.get_parsed_content("network_def")
+        assert ensemble.refiner is not None and ensemble.refine_steps == 2
+
+
 @pytest.mark.slow
 def test_bundle_train_evaluate_infer_export_end_to_end(tmp_path):
     data = tmp_path / "data"
