@@ -443,9 +443,11 @@ def benchmark(
     overrides: Mapping[str, Any] | None = None,
     configs: Path = CONFIGS,
     progress: bool = True,
+    on_row: Callable[[pd.DataFrame], Any] | None = None,
 ) -> pd.DataFrame:
     """One row per (method, labelled count); a method that fails or is not available gets its reason in
-    ``status`` and NaN figures, and the others still run."""
+    ``status`` and NaN figures, and the others still run. ``on_row`` receives the table so far after every
+    row (the CLI writes it, so a long run that is stopped keeps what it measured)."""
     work_dir, base = Path(work_dir).resolve(), Path(datalist).resolve()
     base_registration = Path(registration_dir).resolve()
     overrides = {"registration_kind": registration_kind, **dict(overrides or {})}
@@ -488,6 +490,8 @@ def benchmark(
             figures = [*SUMMARY_FIGURES, "sec_per_iter"]
             logger.info("%s (%d labelled): %s", method, n, {k: row.get(k) for k in figures})
             rows.append(row)
+            if on_row is not None:
+                on_row(_tidy(pd.DataFrame(rows)))
     return _tidy(pd.DataFrame(rows))
 
 
@@ -607,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         registration_dir=args.registration_dir,
         registration_kind=args.registration_kind,
         progress=not args.no_progress,
+        on_row=lambda partial: write_results(partial, args.out, append=args.append),
     )
     path = write_results(df, args.out, append=args.append)
     _print_report(df, settings)

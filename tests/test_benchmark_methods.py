@@ -34,6 +34,7 @@ def test_two_methods_train_evaluate_and_unknown_or_unready_methods_are_reported(
     datalist = tiny_with_test(tmp_path / "data")
     settings = bm.BenchmarkSettings("test", iterations=2, patch_size=(16, 16), batch_size=4)
     overrides = {k: v for k, v in TINY.items() if k not in ("patch_size", "batch_size")}
+    seen = []
     df = bm.benchmark(
         ["unet_ls", "cts", "no_such_method", "cts_rsl"],
         [1],
@@ -43,7 +44,10 @@ def test_two_methods_train_evaluate_and_unknown_or_unready_methods_are_reported(
         registration_dir=tmp_path / "no_registration",
         overrides=overrides,
         progress=False,
+        on_row=lambda partial: seen.append(partial["method"].tolist()),
     )
+    # the table so far is handed over after every row, so a stopped run keeps what it measured
+    assert seen == [["unet_ls"], ["unet_ls", "cts"], ["unet_ls", "cts", "no_such_method"], df["method"].tolist()]
     per_class = [f"dice_{c}" for c in CLASSES] + [f"hd95_{c}" for c in CLASSES]
     overlap = [f"{m}_{c}" for m in ("iou", "bf1") for c in CLASSES]
     assert bm.MAIN_COLUMNS[3:7] == ["dice_mean", "hd95_mean_mm", "iou_mean", "bf1_mean"]
@@ -167,9 +171,10 @@ def test_reg_only_metrics_summarise_test_rows_of_the_registration_report(tmp_pat
 
 def test_method_discovery_and_registration_needs():
     names = bm.available_methods()
-    assert {"unet_ls", "cps", "cts", "cts_rsl"} <= set(names)
+    expected = {"unet_ls", "cps", "cts", "cts_rsl", "cctr", "mcscv2", "mt", "uamt", "fixmatch", "hstf", "hybrid"}
+    assert expected <= set(names)
     assert bm.needs_registration("cts_rsl") and bm.needs_registration(bm.REG_ONLY)
-    assert not any(bm.needs_registration(m) for m in ("unet_ls", "cps", "cts"))
+    assert not any(bm.needs_registration(m) for m in ("unet_ls", "cps", "cts", "mt", "hybrid"))
 
 
 def test_step_timer_counts_only_the_model_step_and_batch_fetch():
