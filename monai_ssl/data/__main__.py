@@ -102,6 +102,18 @@ def _run_split(args: argparse.Namespace) -> None:
     print(summary(resplit_datalist(load_datalist(args.datalist), args.out, **_split_kwargs(args))))
 
 
+def _add_scribbles(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datalist", required=True, help="datalist JSON whose labelled cases get scribbles")
+    parser.add_argument("--out", required=True, help="folder for scribbles/<case_id>.nii.gz and datalist.json")
+    parser.add_argument("--seed", type=int, default=0, help="scribble seed (default 0)")
+
+
+def _run_scribbles(args: argparse.Namespace) -> None:
+    from monai_ssl.data.scribbles import scribble_datalist
+
+    print(summary(load_datalist(scribble_datalist(args.datalist, args.out, seed=args.seed))))
+
+
 def _add_validate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("datalist", help="datalist JSON to check")
     parser.add_argument("--header-only", action="store_true", help="check headers and geometry, not voxel values")
@@ -120,6 +132,9 @@ COMMANDS: list[Command] = [
         _run_convert_synapse,
     ),
     Command("split", "re-split an existing datalist's cases by patient", _add_split, _run_split),
+    Command(
+        "scribbles", "write scribbles of the labelled cases and a datalist using them", _add_scribbles, _run_scribbles
+    ),
     Command(
         "validate-datalist",
         "open every file of a datalist and report every problem (exit 1 if any)",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from monai.data import Dataset
@@ -90,6 +90,7 @@ def training_datasets(
     registered_labels: Mapping[str, str] | None = None,
     augment: Mapping[str, Any] | None = None,
     cache_num_workers: int = 0,
+    ignore_index: int | None = None,
 ) -> tuple[Dataset, Dataset]:
     """Labelled and unlabelled training samples of a datalist.
 
@@ -102,18 +103,26 @@ def training_datasets(
         registered_labels: case_id -> registered label path for the unlabelled cases (CCT-R's RSL).
         augment: keyword arguments of :func:`~monai_ssl.data.transforms.slice_augmentations` (2D).
         cache_num_workers: threads used to fill the volume cache.
+        ignore_index: label value of unannotated pixels that labelled cases may carry (scribbles); default the
+            datalist's ``"ignore_index"`` (set by :func:`monai_ssl.data.scribbles.scribble_datalist`), else none.
     """
     dl = _datalist(datalist)
+    if ignore_index is None:
+        ignore_index = dl.get("ignore_index")
     if len(patch_size) != spatial_dims:
         raise ValueError(f"patch_size {tuple(patch_size)} does not have spatial_dims={spatial_dims} entries")
-    vol_tf = volume_transforms(modality=dl.get("modality", "MR"), pixdim=pixdim, num_classes=num_classes(dl))
+    modality, n_classes = dl.get("modality", "MR"), num_classes(dl)
+    vol_tf = volume_transforms(modality=modality, pixdim=pixdim, num_classes=n_classes)
+    lab_tf = (
+        vol_tf if ignore_index is None else volume_transforms(modality, pixdim, n_classes, ignore_index=ignore_index)
+    )
     labeled_cases = group_cases(dl, "labeled")
     unlabeled_cases = attach_registered_labels(group_cases(dl, "unlabeled"), registered_labels)
     if not labeled_cases:
         raise InputError(f"{dl.get('datalist_path', 'datalist')}: no labelled case to train on")
     out = []
-    for cases in (labeled_cases, unlabeled_cases):
-        volumes = VolumeDataset(cases, vol_tf, num_workers=cache_num_workers, progress=False) if cases else []
+    for cases, preprocess in ((labeled_cases, lab_tf), (unlabeled_cases, vol_tf)):
+        volumes = VolumeDataset(cases, preprocess, num_workers=cache_num_workers, progress=False) if cases else []
         if spatial_dims == 2:
             tf = slice_augmentations(patch_size, **dict(augment or {})) + [PixelToWorldd()]
             out.append(SliceDataset(volumes, tf, context=context))

@@ -69,7 +69,8 @@ def _filename(data: Any) -> str:
 
 class CheckVolumed(MapTransform):
     """Reject a loaded case with a clear error naming the file: wrong dimensionality, NaN/inf intensities,
-    labels outside ``[0, num_classes)`` or label grids that differ from the image grid.
+    labels outside ``[0, num_classes)`` (``ignore_index`` also allowed when given: scribbles) or label grids that
+    differ from the image grid.
 
     Apply after ``EnsureChannelFirstd`` and before any resampling, so geometry is compared as stored.
     """
@@ -80,10 +81,11 @@ class CheckVolumed(MapTransform):
         label_keys: KeysCollection = LABEL_KEYS,
         num_classes: int | None = None,
         spatial_dims: int = 3,
+        ignore_index: int | None = None,
     ):
         super().__init__([image_key, *label_keys], allow_missing_keys=True)
         self.image_key, self.label_keys = image_key, tuple(label_keys)
-        self.num_classes, self.spatial_dims = num_classes, spatial_dims
+        self.num_classes, self.spatial_dims, self.ignore_index = num_classes, spatial_dims, ignore_index
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -97,7 +99,7 @@ class CheckVolumed(MapTransform):
             problems += check_geometry(
                 name, image.shape[1:], image.affine, _filename(label), label.shape[1:], label.affine
             )
-            problems += check_label_array(label, _filename(label), self.num_classes)
+            problems += check_label_array(label, _filename(label), self.num_classes, self.ignore_index)
         if problems:
             raise InputError(problems)
         return d
@@ -112,12 +114,14 @@ def volume_transforms(
     mr_percentiles: Sequence[float] = (1.0, 99.0),
     label_keys: KeysCollection = LABEL_KEYS,
     reader: str | None = None,
+    ignore_index: int | None = None,
 ) -> Compose:
     """Deterministic per-volume preprocessing, meant to be cached by ``CacheDataset``.
 
     Non-positive ``pixdim`` entries keep the original spacing (default: the slice spacing). ``modality``
     ``"CT"`` maps the HU window ``ct_window`` to [0, 1]; ``"MR"`` maps the per-volume percentiles to [0, 1].
-    Labels use nearest-neighbour resampling and are stored as uint8.
+    Labels use nearest-neighbour resampling and are stored as uint8; ``ignore_index`` (e.g. 255, unannotated
+    pixels of scribbles) passes the label check and survives both.
     """
     label_keys = tuple(label_keys)
     keys = (IMAGE_KEY, *label_keys)
@@ -132,7 +136,7 @@ def volume_transforms(
         [
             LoadImaged(keys, reader=reader, image_only=True, allow_missing_keys=True),
             EnsureChannelFirstd(keys, allow_missing_keys=True),
-            CheckVolumed(IMAGE_KEY, label_keys, num_classes),
+            CheckVolumed(IMAGE_KEY, label_keys, num_classes, ignore_index=ignore_index),
             Orientationd(keys, axcodes=axcodes, labels=RAS_LABELS, allow_missing_keys=True),
             Spacingd(
                 keys,

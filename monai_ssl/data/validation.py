@@ -59,8 +59,11 @@ def check_image_array(array: Any, name: str, spatial_dims: int = 3) -> list[str]
     return problems
 
 
-def check_label_array(array: Any, name: str, n_classes: int | None) -> list[str]:
-    """Problems of a label map: non-integer or non-finite values, and values outside ``[0, n_classes)``."""
+def check_label_array(array: Any, name: str, n_classes: int | None, ignore_index: int | None = None) -> list[str]:
+    """Problems of a label map: non-integer or non-finite values, and values outside ``[0, n_classes)``.
+
+    ``ignore_index`` (scribble labels: unannotated pixels) is accepted as well when given.
+    """
     arr = np.asarray(array)
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
@@ -70,7 +73,10 @@ def check_label_array(array: Any, name: str, n_classes: int | None) -> list[str]
     if n_classes is None:
         return []
     values = np.unique(arr)
-    outside = values[(values < 0) | (values >= n_classes)]
+    bad = (values < 0) | (values >= n_classes)
+    if ignore_index is not None:
+        bad &= values != ignore_index
+    outside = values[bad]
     if outside.size:
         shown = ", ".join(str(int(v)) for v in outside[:10])
         return [f"{name}: label values {shown} outside the declared classes 0..{n_classes - 1}"]
@@ -107,8 +113,11 @@ def _read(path: str, key: str, load_data: bool) -> tuple[Any, list[str]]:
         return None, [f"{path}: cannot read {key} ({type(e).__name__}: {e}); the file may be corrupt"]
 
 
-def check_case(case: Mapping[str, Any], n_classes: int | None = None, load_data: bool = True) -> list[str]:
-    """Every problem of one case's files. ``load_data=False`` checks headers only (fast)."""
+def check_case(
+    case: Mapping[str, Any], n_classes: int | None = None, load_data: bool = True, ignore_index: int | None = None
+) -> list[str]:
+    """Every problem of one case's files. ``load_data=False`` checks headers only (fast); ``ignore_index`` is
+    accepted in its labels (scribbles)."""
     problems: list[str] = []
     arrays: dict[str, Any] = {}
     for key in ("image", *LABEL_KEYS):
@@ -134,7 +143,7 @@ def check_case(case: Mapping[str, Any], n_classes: int | None = None, load_data:
         lshape = _volume_shape(lab.shape)
         problems += check_geometry(str(case["image"]), shape, image.affine, str(case[key]), lshape, lab.affine)
         if load_data and lshape == shape:
-            problems += check_label_array(np.asarray(lab.dataobj), str(case[key]), n_classes)
+            problems += check_label_array(np.asarray(lab.dataobj), str(case[key]), n_classes, ignore_index)
     return problems
 
 
@@ -169,8 +178,10 @@ def validate_datalist(
     else:
         problems = []
     cases = [c for g in groups for c in dl.get(g, [])]
+    ignore_index = dl.get("ignore_index")  # a scribbled datalist: only its labelled cases may use it
     for case in tqdm(cases, desc="validating", unit="case", disable=not progress):
-        problems += check_case(case, n_classes, load_data=load_data)
+        ignore = ignore_index if case.get("group") == "labeled" else None
+        problems += check_case(case, n_classes, load_data=load_data, ignore_index=ignore)
     return problems
 
 
