@@ -2,6 +2,7 @@
 
 from monai_ssl.networks.base import ChannelsLast, DecoderFeaturesMixin, init_transformer_weights
 from monai_ssl.networks.cs_unet import CSUNet
+from monai_ssl.networks.dual_decoder import DualDecoderUNet
 from monai_ssl.networks.factory import NETWORKS, build_network
 from monai_ssl.networks.projector import ContrastProjector
 from monai_ssl.networks.swin_unet import PatchExpand, SwinUNet, UShapedTransformer
@@ -14,6 +15,7 @@ __all__ = [
     "ChannelsLast",
     "ContrastProjector",
     "DecoderFeaturesMixin",
+    "DualDecoderUNet",
     "FeatureSwinUNETR",
     "FeatureUNet",
     "PatchExpand",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from monai_ssl.networks.cs_unet import CSUNet
+from monai_ssl.networks.dual_decoder import DualDecoderUNet
 from monai_ssl.networks.swin_unet import SwinUNet
 from monai_ssl.networks.swin_unetr import FeatureSwinUNETR
 from monai_ssl.networks.unet import FeatureUNet
@@ -17,6 +18,7 @@ NETWORKS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
     "swin_unet": (SwinUNet, (2, 3)),
     "cs_unet": (CSUNet, (2, 3)),
     "swin_unetr": (FeatureSwinUNETR, (2, 3)),
+    "dual_decoder_unet": (DualDecoderUNet, (2, 3)),
 }
 
 

@@ -74,14 +74,25 @@ class FeatureUNet(DecoderFeaturesMixin, nn.Module):
         )
         self.head = Convolution(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
 
-    def _forward_padded(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every encoder level's output, finest first (the last is the bottleneck)."""
         skips: list[torch.Tensor] = []
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
+        return skips
+
+    @staticmethod
+    def _decode(decoder: nn.ModuleList, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The bottleneck and every level of ``decoder`` (coarsest first), fusing the encoder ``skips``."""
+        x = skips[-1]
         features = [x]
         n = len(skips)
-        for i, level in enumerate(self.decoder):
+        for i, level in enumerate(decoder):
             x = level(x, skips[n - 2 - i])
             features.append(x)
-        return self.head(x), features
+        return features
+
+    def _forward_padded(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features = self._decode(self.decoder, self._encode(x))
+        return self.head(features[-1]), features
