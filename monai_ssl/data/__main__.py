@@ -15,6 +15,7 @@ from typing import Any
 
 from monai_ssl.data.converters import convert_acdc, convert_synapse, resplit_datalist
 from monai_ssl.data.datalist import GROUPS, DatalistError, load_datalist
+from monai_ssl.data.label_noise import NOISE_DEFAULTS, write_noisy_datalist
 from monai_ssl.data.validation import main_validate
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main", "count_or_ids", "summary"]
@@ -123,6 +124,20 @@ def _run_validate(args: argparse.Namespace) -> int:
     return main_validate(args.datalist, header_only=args.header_only)
 
 
+def _add_noisy_labels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datalist", required=True, help="datalist JSON whose labelled cases get noisy labels")
+    parser.add_argument("--out", required=True, help="folder for labels/ and the new datalist.json")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    for key, value in NOISE_DEFAULTS.items():
+        kind = int if key == "max_radius" else float
+        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=value, help=f"(default {value})")
+
+
+def _run_noisy_labels(args: argparse.Namespace) -> None:
+    noise = {key: getattr(args, key) for key in NOISE_DEFAULTS}
+    print(summary(load_datalist(write_noisy_datalist(args.datalist, args.out, seed=args.seed, **noise))))
+
+
 COMMANDS: list[Command] = [
     Command("convert-acdc", "write a datalist for an ACDC cardiac MR folder", _add_convert_acdc, _run_convert_acdc),
     Command(
@@ -140,6 +155,12 @@ COMMANDS: list[Command] = [
         "open every file of a datalist and report every problem (exit 1 if any)",
         _add_validate,
         _run_validate,
+    ),
+    Command(
+        "noisy-labels",
+        "write noisy copies (erosion/dilation, boundary jitter) of the labelled cases and a datalist using them",
+        _add_noisy_labels,
+        _run_noisy_labels,
     ),
 ]
 

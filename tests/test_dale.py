@@ -1,0 +1,214 @@
+"""DALE-style fuzzy-region learning: partition, Gaussian W2, label confidence, the term, label noise, bundle run."""
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from monai_ssl.data.__main__ import main as data_main
+from monai_ssl.data.datalist import load_datalist
+from monai_ssl.data.label_noise import boundary_mask, noisy_label, write_noisy_datalist
+from monai_ssl.losses.dale import DALETerm, LabelConfidence, class_moments, fuzzy_partition, gaussian_w2
+from monai_ssl.losses.terms import StepContext
+from monai_ssl.networks import FeatureUNet
+from tests.test_bundle import CONFIGS, TINY
+from tests.test_trainer import tiny_dataset
+
+
+def probs_of(rows):
+    """``(1, C, 1, N)`` probabilities from a list of per-pixel class distributions."""
+    return torch.tensor(rows, dtype=torch.float).T[None, :, None, :]
+
+
+def test_partition_of_a_constructed_batch():
+    # 12 confident and correct pixels, one confident but wrong (noisy label?), one uniform (boundary?)
+    rows = [[0.98, 0.01, 0.01]] * 12 + [[0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3]]
+    target = torch.tensor([0] * 12 + [2, 0]).view(1, 1, 1, -1)
+    fuzzy, error, ent = fuzzy_partition(probs_of(rows), target, k=1.0, temperature=0.25)
+    f = fuzzy.flatten()
+    assert (f[:12] < 0.05).all() and f[12] > 0.95 and f[13] > 0.95
+    assert error.flatten()[12].item() == pytest.approx(0.99) and ent.flatten()[13].item() == pytest.approx(1.0)
+    # the threshold adapts: with half of the batch wrong, mean + std of the error sits at the wrong pixels
+    half = [[0.98, 0.01, 0.01]] * 14
+    mixed = fuzzy_partition(probs_of(half), torch.tensor([0] * 7 + [2] * 7).view(1, 1, 1, -1))[0]
+    assert 0.4 < mixed.max() < 0.6
+    # identical pixels: no spread, nothing is fuzzy; ignored pixels are never fuzzy
+    same = fuzzy_partition(probs_of(half), torch.zeros(1, 1, 1, 14, dtype=torch.long))[0]
+    assert same.max() < 0.05
+    valid = torch.ones(1, 1, 1, 14, dtype=torch.bool)
+    valid[..., 12] = False
+    assert fuzzy_partition(probs_of(rows), target, valid)[0].flatten()[12] == 0
+
+
+def test_gaussian_w2_against_a_hand_computed_value():
+    m1, v1 = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 4.0])
+    m2, v2 = torch.tensor([3.0, 1.0]), torch.tensor([4.0, 9.0])
+    # ||m1 - m2||^2 = 9; ||sqrt(v1) - sqrt(v2)||^2 = (1 - 2)^2 + (2 - 3)^2 = 2
+    assert gaussian_w2(m1, v1, m2, v2).item() == pytest.approx(11.0)
+    assert gaussian_w2(m1, v1, m1, v1).item() == pytest.approx(0.0, abs=1e-10)
+    # weighted class moments: class 0 from two unit-weight points, class 1 from one
+    x = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0]])
+    mean, var, mass = class_moments(x, torch.tensor([0, 0, 1]), torch.ones(3), 2)
+    assert torch.allclose(mean, torch.tensor([[2.0, 1.0], [5.0, 5.0]]))
+    assert torch.allclose(var, torch.tensor([[1.0, 1.0], [0.0, 0.0]])) and mass.tolist() == [2.0, 1.0]
+
+
+def grid_memory(shape=(4, 5, 3)):
+    """A memory over one case with a non-trivial voxel->world affine."""
+    affine = np.array([[0.0, -2.0, 0.0, 10.0], [1.5, 0.0, 0.0, -3.0], [0.0, 0.0, 5.0, 7.0], [0, 0, 0, 1]])
+    return LabelConfidence({"c": (affine, shape)}, momentum=0.5, temperature=0.5), affine
+
+
+def test_memory_keys_follow_pixels_through_augmentation():
+    mem, affine = grid_memory()
+    z = 1
+    base = affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, z], [0, 0, 0, 1]], dtype=float)
+    flip = np.array([[-1, 0, 0, 3], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)  # i -> 3 - i
+    p2w = torch.tensor(np.stack([base, base @ flip]))
+    keys = mem.keys(p2w, ["c", "c"], (4, 5))
+    expected = torch.tensor([[(i * 5 + j) * 3 + z for j in range(5)] for i in range(4)])
+    assert torch.equal(keys[0], expected) and torch.equal(keys[1], expected.flip(0))
+    # another case, or pixels beyond the volume, have no voxel
+    assert (mem.keys(p2w[:1], ["other"], (4, 5)) == -1).all()
+    assert (mem.keys(p2w[:1], ["c"], (6, 5))[0, 4:] == -1).all()
+
+
+def test_label_confidence_drops_for_flipping_labels():
+    mem, _ = grid_memory()
+    keys = torch.tensor([[0, 1, 2, -1]])
+    for step in range(6):
+        flip = step % 2
+        # pixel 0: stable label, steady loss; pixel 1: label flips and the loss jumps; pixel 2: unseen after step 0
+        labels = torch.tensor([[1, flip, 1, 0]])
+        loss = torch.tensor([[0.1, 2.3 if flip else 0.1, 0.5, 9.0]])
+        mem.observe(
+            keys if step == 0 else keys[:, :2], loss if step == 0 else loss[:, :2], labels[:, : 4 if step == 0 else 2]
+        )
+        w = mem.weights(keys)
+        if step == 0:
+            assert torch.allclose(w, torch.ones_like(w))
+    assert w[0, 0].item() == pytest.approx(1.0) and w[0, 3].item() == 1.0 and w[0, 2].item() == pytest.approx(1.0)
+    assert w[0, 1].item() < 0.2
+    assert set(mem.state_dict()) == {"loss_mean", "loss_var", "flip_rate", "last_label"}
+
+
+def tiny_net(seed=0):
+    torch.manual_seed(seed)
+    return FeatureUNet(2, 1, 3, channels=(4, 8), num_res_units=1)
+
+
+def labelled_ctx(nets, image, label, iteration=0, extra=None):
+    outs = [n.forward_features(image) for n in nets]
+    return StepContext(
+        iteration=iteration,
+        max_iterations=10,
+        labeled={"image": image, "label": label, **(extra or {})},
+        unlabeled=None,
+        logits_l=[o[0] for o in outs],
+        logits_u=[o[0][:0] for o in outs],
+        features_l=[o[1] for o in outs],
+    )
+
+
+def test_ignored_pixels_give_no_gradient_and_phases_alternate():
+    nets = [tiny_net(0), tiny_net(1)]
+    term = DALETerm(nets, 3, ignore_index=255, warmup_iterations=2, stable_iterations=1, fuzzy_iterations=2,
+                    min_pixels=1.0)  # fmt: skip
+    assert [term.phase(i) for i in range(7)] == ["stable"] * 3 + ["fuzzy"] * 2 + ["stable", "fuzzy"]
+    image = torch.rand(2, 1, 8, 8)
+    label = torch.randint(0, 3, (2, 1, 8, 8))
+    label[:, :, :, :3] = 255
+    for iteration in (0, 3):  # a stable and a fuzzy iteration (with the W2 alignment)
+        ctx = labelled_ctx(nets, image, label, iteration)
+        logits = [lg.detach().requires_grad_() for lg in ctx.logits_l]
+        ctx.logits_l = logits
+        feats = [[f.detach().requires_grad_() for f in fs] for fs in ctx.features_l]
+        ctx.features_l = feats
+        loss = term(ctx)
+        loss.backward()
+        assert torch.isfinite(loss) and ctx.cache["dale_phase"] == term.phase(iteration)
+        for lg in logits:
+            assert lg.grad[..., :3].abs().max() == 0 and lg.grad[..., 3:].abs().max() > 0
+        finest = feats[0][-1]  # stride 1: ignored columns give no feature gradient either
+        if iteration == 3:
+            assert finest.grad[..., :3].abs().max() == 0 and finest.grad[..., 3:].abs().max() > 0
+    assert bool(term.stable_seen_0.any()) and bool(term.stable_seen_1.any())
+    # buffers are checkpointed; the students are not part of the term
+    keys = set(term.state_dict())
+    assert {"stable_mean_0", "stable_var_1"} <= keys and not any("conv" in k or "model" in k for k in keys)
+    assert [p for p in term.parameters() if p.requires_grad] == []
+
+
+def test_term_keys_the_memory_with_pixel_to_world():
+    net = tiny_net()
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    term = DALETerm([net], 3, grids={"lab": (affine, (8, 8, 2))}, align_weight=0.0)
+    base = torch.tensor(affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1.0]]))
+    extra = {"pixel_to_world": base[None], "case_id": ["lab"]}
+    ctx = labelled_ctx([net], torch.rand(1, 1, 8, 8), torch.randint(0, 3, (1, 1, 8, 8)), extra=extra)
+    term(ctx)
+    seen = term.confidence.last_label.view(8, 8, 2)
+    assert (seen[..., 1] >= 0).all() and (seen[..., 0] == -1).all()
+
+
+# ---- label noise ---------------------------------------------------------------------------------------------
+def blob_labels(shape=(24, 24, 4)):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    r1 = np.linalg.norm(grid[..., :2] - [9, 10], axis=-1)
+    r2 = np.linalg.norm(grid[..., :2] - [17, 15], axis=-1)
+    label = np.where(r1 < 6, 1, 0) + np.where(r1 < 2.5, 1, 0)
+    return np.where(r2 < 3, 3, label).astype(np.uint8)  # classes 0, 1, 2 (inside 1) and a small 3
+
+
+def test_noise_is_seeded_near_boundaries_and_keeps_classes():
+    clean = blob_labels()
+    a, b = noisy_label(clean, seed=4, case_id="x"), noisy_label(clean, seed=4, case_id="x")
+    assert np.array_equal(a, b) and a.dtype == clean.dtype
+    assert not np.array_equal(a, noisy_label(clean, seed=5, case_id="x"))
+    assert not np.array_equal(a, noisy_label(clean, seed=4, case_id="y"))
+    for seed in range(6):
+        noisy = noisy_label(clean, seed=seed, max_radius=2, erode_prob=0.5, dilate_prob=0.5, jitter_prob=0.5)
+        changed = noisy != clean
+        assert changed.any()
+        # in-plane distance (the slice axis is far) to the nearest clean boundary voxel
+        dist = ndimage.distance_transform_edt(~boundary_mask(clean), sampling=(1, 1, 1e6))
+        assert dist[changed].max() <= 3
+        assert set(np.unique(noisy)) == set(np.unique(clean))
+    # tiny classes survive a large erosion
+    assert 3 in noisy_label(clean, seed=0, erode_prob=1.0, dilate_prob=0.0, max_radius=5, jitter_prob=0.0)
+
+
+def test_noisy_datalist_and_cli(tmp_path):
+    datalist = tiny_dataset(tmp_path / "data", n_unlabeled=1, shape=(12, 12, 3))
+    out = write_noisy_datalist(datalist, tmp_path / "noisy", seed=1, jitter_prob=0.5)
+    dl, src = load_datalist(out), load_datalist(datalist)
+    assert dl["label_noise"]["seed"] == 1 and dl["label_noise"]["jitter_prob"] == 0.5
+    noisy_img, clean_img = nib.load(dl["labeled"][0]["label"]), nib.load(src["labeled"][0]["label"])
+    assert np.allclose(noisy_img.affine, clean_img.affine)
+    assert not np.array_equal(np.asarray(noisy_img.dataobj), np.asarray(clean_img.dataobj))
+    assert dl["validation"][0]["label"] == src["validation"][0]["label"]  # evaluation keeps clean labels
+    assert dl["labeled"][0]["image"] == src["labeled"][0]["image"]
+    assert not list((tmp_path / "noisy" / "labels").glob(".tmp-*"))
+    assert data_main(["noisy-labels", "--datalist", str(datalist), "--out", str(tmp_path / "cli"), "--seed", "1",
+                      "--jitter-prob", "0.5"]) == 0  # fmt: skip
+    again = load_datalist(tmp_path / "cli" / "datalist.json")
+    assert np.array_equal(np.asarray(nib.load(again["labeled"][0]["label"]).dataobj), np.asarray(noisy_img.dataobj))
+
+
+# ---- bundle ----------------------------------------------------------------------------------------------------
+def test_dale_bundle_trains_two_iterations(tmp_path):
+    from monai.bundle import run
+
+    noisy = write_noisy_datalist(tiny_dataset(tmp_path / "data", n_unlabeled=1), tmp_path / "noisy", seed=0)
+    out = tmp_path / "runs"
+    run("training", config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "methods" / "dale.json")],
+        max_iterations=2, val_interval=2, output_root=str(out), datalist=str(noisy), **TINY)  # fmt: skip
+    ckpt = torch.load(out / "dale" / "models" / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=False)
+    terms = ckpt["loss_terms"]
+    assert "0.stable_mean_0" in terms and "0.confidence.loss_var" in terms
+    assert int((terms["0.confidence.last_label"] >= 0).sum()) > 0  # the memory saw labelled voxels
+    assert len(ckpt["optimizer"]["items"]) == 1  # one AdamW for the single student; the term has no parameters
+    assert math.isfinite(float(terms["0.confidence.loss_mean"].max()))
