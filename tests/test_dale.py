@@ -212,3 +212,23 @@ def test_dale_bundle_trains_two_iterations(tmp_path):
     assert int((terms["0.confidence.last_label"] >= 0).sum()) > 0  # the memory saw labelled voxels
     assert len(ckpt["optimizer"]["items"]) == 1  # one AdamW for the single student; the term has no parameters
     assert math.isfinite(float(terms["0.confidence.loss_mean"].max()))
+
+
+def test_dale_bundle_properties(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    data = tiny_dataset(tmp_path / "data", n_unlabeled=1)
+    for workflow_type, first in (("train", "train.json"), ("infer", "inference.json")):
+        extra = {"input_dir": str(data), "input_groups": ["validation"]} if workflow_type == "infer" else {}
+        wf = ConfigWorkflow(
+            config_file=[str(CONFIGS / first), str(CONFIGS / "methods" / "dale.json")],
+            meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=str(CONFIGS / "logging.conf"),
+            workflow_type=workflow_type,
+            dataset_dir=str(data.parent),
+            output_root=str(tmp_path / "runs"),
+            **TINY,
+            **extra,
+        )
+        wf.initialize()
+        assert wf.check_properties() == [], workflow_type
