@@ -232,3 +232,16 @@ def test_dale_bundle_properties(tmp_path):
         )
         wf.initialize()
         assert wf.check_properties() == [], workflow_type
+
+
+def test_term_wraps_any_per_pixel_loss():
+    from monai.losses import FocalLoss
+
+    net = tiny_net()
+    image, label = torch.rand(2, 1, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+    focal = DALETerm(
+        [net], 3, lambda_dice=0.0, pixel_loss=FocalLoss(reduction="none", to_onehot_y=True, use_softmax=True)
+    )
+    ce = DALETerm([net], 3, lambda_dice=0.0)
+    a, b = focal(labelled_ctx([net], image, label)), ce(labelled_ctx([net], image, label))
+    assert torch.isfinite(a) and 0 < a.item() < b.item()  # focal down-weights every pixel's CE

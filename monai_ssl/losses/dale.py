@@ -334,11 +334,6 @@ class DALETerm(LossTerm):
         r = (iteration - self.warmup_iterations) % (self.stable_iterations + self.fuzzy_iterations)
         return "stable" if r < self.stable_iterations else "fuzzy"
 
-    def _pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.pixel_loss is None:
-            return F.cross_entropy(logits, target[:, 0], reduction="none")[:, None]
-        return self.pixel_loss(logits, target).sum(dim=1, keepdim=True)
-
     def label_confidence(
         self, ctx: StepContext, target: torch.Tensor, valid: torch.Tensor, ce: torch.Tensor
     ) -> torch.Tensor:
@@ -364,13 +359,14 @@ class DALETerm(LossTerm):
 
     def alignment(
         self, student: int, features: Sequence[torch.Tensor], target: torch.Tensor, fuzzy: torch.Tensor,
-        conf: torch.Tensor, valid: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        """Update the running stable statistics and return the mean W2^2 of fuzzy vs stable class Gaussians."""
+        conf: torch.Tensor, valid: torch.Tensor, align: bool = True,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Update the running stable statistics; with ``align``, return the mean W2^2 of the fuzzy class Gaussians
+        to the running stable ones (None otherwise, e.g. in a stable phase)."""
         stride = self.strides[student]
         feat = F.normalize(select_scale(features, target.shape[2:], stride).float(), dim=1)
         labels = labels_at(target, stride).reshape(-1)
-        v = probs_at(valid.to(feat), stride)
+        v = labels_at(valid, stride)[:, None].to(feat)  # validity of the pixel whose label is sampled
         f = probs_at(fuzzy.to(feat), stride)
         c = probs_at(conf.to(feat), stride)
         x = feat.movedim(1, -1).reshape(-1, feat.shape[1])
@@ -378,6 +374,8 @@ class DALETerm(LossTerm):
         w_fuzzy = (f * c * v).reshape(-1)
         with torch.no_grad():
             self._update_stable(student, *class_moments(x.detach(), labels, w_stable, self.num_classes))
+        if not align:
+            return None
         mean, var, mass = class_moments(x, labels, w_fuzzy, self.num_classes)
         use = (mass >= self.min_pixels) & getattr(self, f"stable_seen_{student}")
         if not bool(use.any()):
@@ -403,13 +401,13 @@ class DALETerm(LossTerm):
             fuzzy_fraction.append(fuzzy.sum() / valid.sum().clamp_min(1))
             keep = (1.0 - fuzzy) if phase == "stable" else (1.0 - fuzzy) + fuzzy * conf
             w = keep * valid.to(keep)
-            pix = ces[i] if self.pixel_loss is None else self._pixel_loss(logits, target)
+            pix = ces[i] if self.pixel_loss is None else self.pixel_loss(logits, target).sum(dim=1, keepdim=True)
             loss = self.lambda_ce * (w * pix).sum() / w.sum().clamp_min(1e-8)
             loss = loss + self.lambda_dice * weighted_dice(probs, onehot.to(probs), w)
             if self.align_weight > 0 and ctx.features_l is not None:
-                w2 = self.alignment(i, ctx.features_l[i], target, fuzzy, conf, valid)
-                ctx.cache[f"{self.name}_w2_{i}"] = w2.detach()
-                if phase == "fuzzy":
+                w2 = self.alignment(i, ctx.features_l[i], target, fuzzy, conf, valid, align=phase == "fuzzy")
+                if w2 is not None:
+                    ctx.cache[f"{self.name}_w2_{i}"] = w2.detach()
                     loss = loss + self.align_weight * w2
             total = total + loss
         ctx.cache[f"{self.name}_phase"] = phase
