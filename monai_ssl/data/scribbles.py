@@ -88,15 +88,10 @@ def scribble_slice(
 
 
 def scribble_volume(
-    label: np.ndarray,
-    seed: int | np.random.Generator = 0,
-    slice_axis: int = -1,
-    erosion: int = 2,
-    stroke_length: int = 24,
-    gap: int = 2,
-    ignore_index: int = IGNORE_INDEX,
+    label: np.ndarray, seed: int | list[int] | np.random.Generator = 0, slice_axis: int = -1, **kwargs: Any
 ) -> np.ndarray:
-    """Scribbles of a 3D label map, slice by slice along ``slice_axis`` (see the module docstring)."""
+    """Scribbles of a 3D label map, slice by slice along ``slice_axis`` (see the module docstring); ``kwargs``
+    (``erosion``, ``stroke_length``, ``gap``, ``ignore_index``) go to :func:`scribble_slice`."""
     label = np.asarray(label)
     if label.ndim != 3:
         raise ValueError(f"scribble_volume expects a 3D label map, got shape {label.shape}")
@@ -104,7 +99,7 @@ def scribble_volume(
         label = np.rint(label).astype(np.int64)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     moved = np.moveaxis(label, slice_axis, 0)
-    out = np.stack([scribble_slice(s, rng, erosion, stroke_length, gap, ignore_index) for s in moved])
+    out = np.stack([scribble_slice(s, rng, **kwargs) for s in moved])
     return np.moveaxis(out, 0, slice_axis)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ from monai_ssl.losses.contrastive import (
 )
 from monai_ssl.losses.memory import ClassFeatureQueues
 from monai_ssl.losses.schedules import WeightSchedule
-from monai_ssl.losses.teacher import entropy
+from monai_ssl.losses.teacher import check_student, entropy
 from monai_ssl.losses.terms import LossTerm, StepContext
 from monai_ssl.networks.dual_decoder import auxiliary_logits
 from monai_ssl.networks.projector import ContrastProjector
@@ -191,7 +192,11 @@ def dual_decoder_targets(
 
 
 class _DualDecoderTerm(LossTerm):
-    """A term over student ``student`` (a dual-decoder network, held by reference) and the shared targets."""
+    """A term over student ``student`` (a dual-decoder network, held by reference) and the shared targets.
+
+    ``student``, ``label_key``, ``ignore_index`` and ``uncertainty_threshold`` (keyword arguments of every
+    subclass) select the network and define the targets of :func:`dual_decoder_targets`.
+    """
 
     needs_features = True  # the trainer's forward_features is what runs the auxiliary decoder
 
@@ -200,15 +205,13 @@ class _DualDecoderTerm(LossTerm):
         name: str,
         weight: float | WeightSchedule,
         students: Sequence[nn.Module],
-        student: int,
-        label_key: str,
-        ignore_index: int,
-        uncertainty_threshold: float,
+        student: int = 0,
+        label_key: str = "label",
+        ignore_index: int = IGNORE_INDEX,
+        uncertainty_threshold: float = 0.5,
     ):
         super().__init__(name, weight)
-        students = list(students)
-        if not 0 <= student < len(students):
-            raise ValueError(f"loss term {name!r}: student {student} out of range for {len(students)} students")
+        check_student(name, students, student)
         self._network = (students[student],)  # a tuple: not registered, never checkpointed or optimised twice
         self.student, self.label_key, self.ignore_index = int(student), label_key, int(ignore_index)
         self.uncertainty_threshold = float(uncertainty_threshold)
@@ -271,14 +274,11 @@ class DualConsistencyTerm(_DualDecoderTerm):
         students: Sequence[nn.Module],
         name: str = "con",
         weight: float | WeightSchedule = 0.5,
-        student: int = 0,
         area: tuple[float, float] = (0.25, 0.5),
-        label_key: str = "label",
-        ignore_index: int = IGNORE_INDEX,
-        uncertainty_threshold: float = 0.5,
         seed: int = 0,
+        **kwargs: Any,
     ):
-        super().__init__(name, weight, students, student, label_key, ignore_index, uncertainty_threshold)
+        super().__init__(name, weight, students, **kwargs)
         self.area = (float(area[0]), float(area[1]))
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
         self.generator = torch.Generator().manual_seed(seed)
@@ -316,7 +316,6 @@ class PixelContrastTerm(_DualDecoderTerm):
         students: Sequence[nn.Module],
         name: str = "ctr",
         weight: float | WeightSchedule = 0.1,
-        student: int = 0,
         stride: int = 4,
         queue_size: int = 2000,
         push_fraction: float = 0.25,
@@ -325,11 +324,9 @@ class PixelContrastTerm(_DualDecoderTerm):
         temperature: float = 0.1,
         hidden: int = 64,
         out: int = 32,
-        label_key: str = "label",
-        ignore_index: int = IGNORE_INDEX,
-        uncertainty_threshold: float = 0.5,
+        **kwargs: Any,
     ):
-        super().__init__(name, weight, students, student, label_key, ignore_index, uncertainty_threshold)
+        super().__init__(name, weight, students, **kwargs)
         self.stride, self.temperature = int(stride), float(temperature)
         self.num_anchors, self.num_negatives = int(num_anchors), int(num_negatives)
         self.queue_size, self.push_fraction = int(queue_size), float(push_fraction)

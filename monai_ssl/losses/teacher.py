@@ -27,10 +27,17 @@ __all__ = [
     "MeanTeacherTerm",
     "FixMatchTerm",
     "CrossScaleTerm",
+    "check_student",
     "entropy",
     "predict_at_scales",
     "scale_consistency",
 ]
+
+
+def check_student(name: str, students: Sequence[nn.Module], student: int) -> None:
+    """Raise a ValueError naming loss term ``name`` unless ``student`` indexes ``students``."""
+    if not 0 <= student < len(students):
+        raise ValueError(f"loss term {name!r}: student {student} out of range for {len(students)} students")
 
 
 def entropy(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -105,8 +112,7 @@ class _TeacherTerm(LossTerm):
     ):
         super().__init__(name, weight)
         students = list(students)
-        if not 0 <= student < len(students):
-            raise ValueError(f"loss term {name!r}: student {student} out of range for {len(students)} students")
+        check_student(name, students, student)
         self._students = tuple(students)
         self.student = int(student)
         self.teacher = teacher if teacher is not None else EMATeacher(students[student], decay)

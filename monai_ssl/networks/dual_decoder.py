@@ -18,7 +18,7 @@ logits are reachable two ways:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -59,32 +59,19 @@ class DualDecoderUNet(FeatureUNet):
     ``feature_channels`` / ``feature_strides`` describe the main decoder's maps (as ``FeatureUNet``).
 
     Args:
-        spatial_dims, in_channels, out_channels, channels, num_res_units, kernel_size, act, norm, dropout:
-            as :class:`FeatureUNet`.
         aux_dropout: dropout on the bottleneck as the auxiliary decoder sees it (a feature perturbation).
+        aux_act, aux_norm: MONAI activation and normalisation names of the auxiliary decoder's 3x3 convolutions.
+        kwargs: :class:`FeatureUNet`'s arguments (``spatial_dims``, ``in_channels``, ``out_channels``,
+            ``channels``, ...), for the encoder and the main decoder; the auxiliary decoder mirrors its levels.
     """
 
-    def __init__(
-        self,
-        spatial_dims: int = 2,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        channels: Sequence[int] = (16, 32, 64, 128, 256),
-        num_res_units: int = 2,
-        kernel_size: int = 3,
-        act: str = "PRELU",
-        norm: str = "BATCH",
-        dropout: float = 0.0,
-        aux_dropout: float = 0.1,
-    ) -> None:
-        super().__init__(
-            spatial_dims, in_channels, out_channels, channels, num_res_units, kernel_size, act, norm, dropout
-        )
-        ch = tuple(int(c) for c in channels)
+    def __init__(self, aux_dropout: float = 0.1, aux_act: str = "RELU", aux_norm: str = "BATCH", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        spatial_dims, ch = self.spatial_dims, self.feature_channels[::-1]
+        out_channels = self.head.conv.out_channels
         self.aux_dropout = nn.Dropout(aux_dropout)
         self.aux_decoder = nn.ModuleList(
-            AttentionDecoderLevel(spatial_dims, ch[i + 1], ch[i], act, norm, kernel_size)
-            for i in range(len(ch) - 2, -1, -1)
+            AttentionDecoderLevel(spatial_dims, ch[i + 1], ch[i], aux_act, aux_norm) for i in range(len(ch) - 2, -1, -1)
         )
         self.aux_head = Convolution(spatial_dims, ch[0], out_channels, kernel_size=1, conv_only=True)
         self.with_aux = False
