@@ -158,3 +158,31 @@ def test_pclmix_bundle_trains_two_iterations_on_scribbles(tmp_path):
     assert any("aux_decoder" in k for k in ckpt["model"])
     assert any("projector" in k for k in ckpt["loss_terms"])
     assert json.loads((CONFIGS / "methods" / "pce.json").read_text())["student_0#name"] == "dual_decoder_unet"
+    # evaluation runs the main decoder on the dense validation labels
+    run("evaluating", config_file=[str(CONFIGS / n) for n in ("train.json", "evaluate.json", "methods/pclmix.json")],
+        datalist=str(datalist), output_root=str(out), eval_groups=["validation"], **TINY)  # fmt: skip
+    import pandas as pd
+
+    per_case = pd.read_csv(out / "pclmix" / "eval" / "metrics_per_case.csv")
+    assert per_case["case_id"].unique().tolist() == ["val"]
+
+
+@pytest.mark.parametrize("method", ["pclmix", "pce"])
+def test_scribble_methods_pass_the_bundle_property_checks(tmp_path, method):
+    from monai.bundle import ConfigWorkflow
+
+    from tests.test_bundle import TINY
+
+    datalist = scribble_datalist(tiny_dataset(tmp_path / "data", n_unlabeled=1), tmp_path / "scrib", seed=0)
+    overrides = dict(TINY, datalist=str(datalist), output_root=str(tmp_path / "runs"))
+    infer = {"input_dir": str(datalist), "input_groups": ["validation"]}
+    for workflow_type, name in (("train", "train.json"), ("infer", "inference.json")):
+        wf = ConfigWorkflow(
+            config_file=[str(CONFIGS / name), str(CONFIGS / "methods" / f"{method}.json")],
+            meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=str(CONFIGS / "logging.conf"),
+            workflow_type=workflow_type,
+            **(dict(overrides, **infer) if workflow_type == "infer" else overrides),
+        )
+        wf.initialize()
+        assert wf.check_properties() == [], (workflow_type, method)
