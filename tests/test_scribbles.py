@@ -62,14 +62,20 @@ def test_scribble_datalist_writes_nifti_and_pipeline_keeps_ignore(tmp_path):
     out = scribble_datalist(datalist, tmp_path / "scrib", seed=0)
     dl = load_datalist(out)
     assert dl["ignore_index"] == IGNORE_INDEX
+    from monai_ssl.data.validation import validate_datalist
+
+    assert validate_datalist(out, progress=False) == []  # 255 allowed in the labelled cases only
     dense = load_datalist(datalist)
     assert dl["validation"][0]["label"] == dense["validation"][0]["label"]  # evaluation keeps dense labels
     src, scrib = nib.load(dense["labeled"][0]["label"]), nib.load(dl["labeled"][0]["label"])
     assert np.allclose(src.affine, scrib.affine)
     s, d = np.asarray(scrib.dataobj), np.asarray(src.dataobj)
     assert np.array_equal(s[s != IGNORE_INDEX], d[s != IGNORE_INDEX])
-    again = scribble_datalist(datalist, tmp_path / "scrib2", seed=0)
-    assert np.array_equal(s, np.asarray(nib.load(load_datalist(again)["labeled"][0]["label"]).dataobj))
+    from monai_ssl.data.__main__ import main
+
+    assert main(["scribbles", "--datalist", str(datalist), "--out", str(tmp_path / "scrib2"), "--seed", "0"]) == 0
+    again = load_datalist(tmp_path / "scrib2" / "datalist.json")
+    assert np.array_equal(s, np.asarray(nib.load(again["labeled"][0]["label"]).dataobj))
     labeled, _ = training_datasets(out, (16, 16), pixdim=(-1, -1, -1))
     values = torch.unique(torch.cat([labeled[i]["label"].flatten() for i in range(len(labeled))]))
     assert IGNORE_INDEX in values.tolist() and set(values.tolist()) <= {0, 1, 2, IGNORE_INDEX}
