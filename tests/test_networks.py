@@ -25,6 +25,7 @@ from monai_ssl.networks.cs_unet import ConvWindowAttention, window_attention_mas
 # tiny configurations: same code paths as the defaults (shifted windows, several levels), seconds to run
 TINY = {
     "unet": {"channels": (4, 8, 16), "num_res_units": 1},
+    "dual_decoder_unet": {"channels": (4, 8, 16), "num_res_units": 1},
     "swin_unet": {"embed_dim": 12, "depths": (2, 2, 2), "num_heads": (1, 2, 4), "window_size": 4},
     "cs_unet": {"embed_dim": 12, "depths": (2, 2, 2), "num_heads": (1, 2, 4), "window_size": 4},
     "swin_unetr": {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "window_size": 4},
@@ -32,10 +33,12 @@ TINY = {
 # smallest inputs each net handles in 2D and 3D (SwinUNETR's instance-normed bottleneck needs > 1 pixel)
 SHAPES = {
     (2, "unet"): (2, 1, 32, 32),
+    (2, "dual_decoder_unet"): (2, 1, 32, 32),
     (2, "swin_unet"): (2, 1, 32, 32),
     (2, "cs_unet"): (2, 1, 32, 32),
     (2, "swin_unetr"): (2, 1, 64, 64),
     (3, "unet"): (1, 1, 32, 32, 32),
+    (3, "dual_decoder_unet"): (1, 1, 32, 32, 32),
     (3, "swin_unet"): (1, 1, 32, 32, 32),
     (3, "cs_unet"): (1, 1, 32, 32, 32),
     (3, "swin_unetr"): (1, 1, 32, 32, 64),

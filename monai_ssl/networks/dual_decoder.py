@@ -79,11 +79,12 @@ class DualDecoderUNet(FeatureUNet):
 
     def _forward_padded(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = self._encode(x)
-        features = self._decode(self.decoder, skips)
-        logits = self.head(features[-1])
+        logits, features = self._decode(skips)
         if self.with_aux:  # the auxiliary logits ride as one last "feature" map so the mixin crops them too
-            aux = self._decode(self.aux_decoder, skips[:-1] + [self.aux_dropout(skips[-1])])[-1]
-            features.append(self.aux_head(aux))
+            y = self.aux_dropout(skips[-1])
+            for level, skip in zip(self.aux_decoder, skips[-2::-1], strict=True):
+                y = level(y, skip)
+            features.append(self.aux_head(y))
         return logits, features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

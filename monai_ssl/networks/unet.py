@@ -82,17 +82,15 @@ class FeatureUNet(DecoderFeaturesMixin, nn.Module):
             skips.append(x)
         return skips
 
-    @staticmethod
-    def _decode(decoder: nn.ModuleList, skips: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The bottleneck and every level of ``decoder`` (coarsest first), fusing the encoder ``skips``."""
+    def _decode(self, skips: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the bottleneck and every decoder level (coarsest first), fusing the encoder ``skips``."""
         x = skips[-1]
         features = [x]
         n = len(skips)
-        for i, level in enumerate(decoder):
+        for i, level in enumerate(self.decoder):
             x = level(x, skips[n - 2 - i])
             features.append(x)
-        return features
+        return self.head(x), features
 
     def _forward_padded(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        features = self._decode(self.decoder, self._encode(x))
-        return self.head(features[-1]), features
+        return self._decode(self._encode(x))
