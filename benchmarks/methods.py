@@ -32,13 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
+# Run as a script, this folder is sys.path[0], where registration.py (the registration benchmark) would shadow
+# the `registration` package that CCT-R's correspondences import in-process.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from monai_ssl.data.converters import resplit_datalist
-from monai_ssl.data.datalist import GROUPS, load_datalist, split_cases
-from monai_ssl.fileio import atomic_path
-from monai_ssl.metrics.report import summarize_metrics
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from monai_ssl.data.converters import resplit_datalist  # noqa: E402
+from monai_ssl.data.datalist import GROUPS, load_datalist, split_cases  # noqa: E402
+from monai_ssl.fileio import atomic_path  # noqa: E402
+from monai_ssl.metrics.report import summarize_metrics  # noqa: E402
 
 __all__ = [
     "BUNDLE",
@@ -92,8 +96,10 @@ INFO_COLUMNS = [
     "batch_size",
     "train_s",
     "eval_s",
+    "labels",
     "status",
 ]
+LABEL_KINDS = ("clean", "noisy", "scribbles")
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class BenchmarkSettings:
     patch_size: tuple[int, ...]
     batch_size: int
     seed: int = 0
+    labels: str = "clean"  # the labelled cases' labels: "clean", "noisy" (--label-noise) or "scribbles"
 
 
 PRESETS = {
@@ -203,6 +210,23 @@ class StepTimer:
 
 
 # ---- data and registration ---------------------------------------------------------------------------------
+def training_labels(datalist: Path, labels: str, work_dir: Path, seed: int = 0) -> Path:
+    """The datalist whose labelled cases carry ``labels``: as given ("clean"), with seeded boundary noise
+    ("noisy", :func:`~monai_ssl.data.label_noise.write_noisy_datalist`) or as scribbles ("scribbles",
+    :func:`~monai_ssl.data.scribbles.scribble_datalist`). Validation and test labels stay dense and clean."""
+    if labels == "clean":
+        return datalist
+    if labels == "noisy":
+        from monai_ssl.data.label_noise import write_noisy_datalist
+
+        return Path(write_noisy_datalist(datalist, work_dir / "noisy_labels", seed=seed))
+    if labels == "scribbles":
+        from monai_ssl.data.scribbles import scribble_datalist
+
+        return Path(scribble_datalist(datalist, work_dir / "scribbles", seed=seed))
+    raise ValueError(f"labels must be one of {LABEL_KINDS}, got {labels!r}")
+
+
 def labeled_datalist(datalist: str | os.PathLike, labeled: int, work_dir: str | os.PathLike, seed: int = 0) -> Path:
     """The datalist to train with ``labeled`` labelled patients; the given one if it already has that many.
 
@@ -453,14 +477,20 @@ def benchmark(
     overrides = {"registration_kind": registration_kind, **dict(overrides or {})}
     rows = []
     methods = list(dict.fromkeys(methods))  # a method measured twice in one run would make its rows ambiguous
+    suffix = "" if settings.labels == "clean" else f"_{settings.labels}"
     for n in dict.fromkeys(labeled_counts):
         dl_path: Path | None = None
+        run_dir = work_dir / f"labeled_{n}{suffix}"
         for i, method in enumerate(methods, 1):
             logger.info("[%d labelled] method %d/%d: %s", n, i, len(methods), method)
-            row: dict[str, Any] = {"method": method, "labeled": n, "mode": settings.mode}
+            row: dict[str, Any] = {"method": method, "labeled": n, "mode": settings.mode, "labels": settings.labels}
             try:
                 _check_method(method, configs)
-                dl_path = dl_path or labeled_datalist(base, n, work_dir, settings.seed)
+                if method == REG_ONLY and settings.labels != "clean":
+                    raise NotAvailable(f"not available: {REG_ONLY} uses clean atlas labels, not {settings.labels}")
+                dl_path = dl_path or training_labels(
+                    labeled_datalist(base, n, work_dir, settings.seed), settings.labels, run_dir, settings.seed
+                )
                 reg = None
                 if needs_registration(method, configs):
                     reg = _registration_for(
@@ -476,9 +506,7 @@ def benchmark(
                         batch_size=settings.batch_size,
                     )
                     row.update(
-                        train_and_evaluate(
-                            method, dl_path, work_dir / f"labeled_{n}", settings, reg, overrides, configs, progress
-                        )
+                        train_and_evaluate(method, dl_path, run_dir, settings, reg, overrides, configs, progress)
                     )
                 row["status"] = "ok"
             except NotAvailable as e:
@@ -512,10 +540,11 @@ def _tidy(df: pd.DataFrame, ratios: bool = True) -> pd.DataFrame:
 
 def write_results(df: pd.DataFrame, path: str | os.PathLike = RESULT, append: bool = False) -> Path:
     """Write the result table atomically; with ``append``, keep the rows of an existing table whose
-    (method, labeled, mode) this run did not measure (ratios to CTS stay those of each row's own run)."""
+    (method, labeled, mode, labels) this run did not measure (ratios to CTS stay those of each row's own run)."""
     if append and Path(path).exists():
         old = pd.read_csv(path)
-        key = ["method", "labeled", "mode"]
+        key = ["method", "labeled", "mode", "labels"]
+        old["labels"] = old["labels"].fillna("clean") if "labels" in old else "clean"
         measured = set(df[key].astype(str).itertuples(index=False))
         old = old[[k not in measured for k in old[key].astype(str).itertuples(index=False)]]
         df = _tidy(pd.concat([old, df], ignore_index=True), ratios=False)
@@ -582,8 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="run folders (runs/benchmarks/methods)")
     parser.add_argument("--out", type=Path, default=RESULT, help="result CSV (benchmarks/results/methods.csv)")
     parser.add_argument(
-        "--append", action="store_true", help="keep rows of --out for (method, labeled, mode) not measured now"
+        "--append", action="store_true", help="keep rows of --out for (method, labeled, mode, labels) not measured now"
     )
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--label-noise", action="store_true", help="train on seeded noisy labels (boundary erosion/dilation/jitter)"
+    )
+    labels.add_argument("--scribbles", action="store_true", help="train on scribbles made from the labels")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -600,6 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         patch_size=tuple(args.patch or preset.patch_size),
         batch_size=args.batch or preset.batch_size,
         seed=args.seed,
+        labels="noisy" if args.label_noise else "scribbles" if args.scribbles else "clean",
     )
     methods = args.methods.split(",") if args.methods else available_methods() + [REG_ONLY]
     df = benchmark(

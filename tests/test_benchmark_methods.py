@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +17,8 @@ from benchmarks import methods as bm
 from monai_ssl.data.datalist import load_datalist, write_datalist
 from tests.test_bundle import TINY
 from tests.test_trainer import tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
 
 CLASSES = ["blob", "ring"]
 
@@ -204,3 +209,29 @@ def test_step_timer_counts_only_the_model_step_and_batch_fetch():
     assert timer.steps == [3, 6, 9, 12] and timer.cpu_steps == [1, 2, 3, 4] and timer.fetches == [2, 2, 2, 2]
     # medians after one warm-up iteration
     assert timer.sec_per_iter == 9 and timer.cpu_sec_per_iter == 3 and timer.data_sec_per_iter == 2
+
+
+def test_training_labels_make_noisy_or_scribbled_labelled_cases(tmp_path):
+    datalist = tiny_with_test(tmp_path / "data")
+    assert bm.training_labels(datalist, "clean", tmp_path / "w") == datalist
+    noisy = load_datalist(bm.training_labels(datalist, "noisy", tmp_path / "w"))
+    scribbled = load_datalist(bm.training_labels(datalist, "scribbles", tmp_path / "w"))
+    clean = load_datalist(datalist)
+    for dl in (noisy, scribbled):
+        assert dl["labeled"][0]["label"] != clean["labeled"][0]["label"]  # a new label file for training
+        assert dl["test"] == clean["test"]  # evaluation stays on the clean dense labels
+    assert scribbled["ignore_index"] == 255
+    with pytest.raises(ValueError, match="labels must be one of"):
+        bm.training_labels(datalist, "fuzzy", tmp_path / "w")
+
+
+def test_script_does_not_shadow_the_registration_package():
+    # as a script, benchmarks/ is sys.path[0] and its registration.py would hide the registration package that
+    # CCT-R imports in-process; the script removes its own folder from the path
+    code = (
+        "import sys, runpy; sys.path.insert(0, 'benchmarks'); runpy.run_path('benchmarks/methods.py', run_name='x'); "
+        "import registration.cycle; print(registration.__file__)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith(str(Path("registration") / "__init__.py"))
