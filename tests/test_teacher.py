@@ -260,3 +260,18 @@ def test_teacher_terms_train_in_the_trainer_and_skip_zero_weights():
     assert "infonce" in seen[0] and "infonce" in seen[1]
     assert "infonce" not in seen[2] and "infonce" not in seen[3]  # weight 0 after the warm-up: not evaluated
     assert all({"sup", "mt", "fixmatch", "xscale"} <= s for s in seen)
+
+
+def test_cross_scale_term_runs_on_3d_students():
+    # HSTF with 3D students (e.g. MONAI's 3D U-Net): trilinear resampling back to the patch grid
+    from monai_ssl.networks import FeatureUNet
+
+    torch.manual_seed(0)
+    nets = [FeatureUNet(3, 1, 2, channels=(4, 8), num_res_units=1) for _ in range(2)]
+    x = torch.rand(2, 1, 8, 8, 4)
+    logits = predict_at_scales(nets[0], x, (1.0, 0.5))
+    assert [tuple(v.shape) for v in logits] == [(2, 2, 8, 8, 4)] * 2
+    term = CrossScaleTerm(nets, scales=(1.0, 0.5))
+    loss = term(ctx_u(x, [n(x) for n in nets]))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in nets[1].parameters())
