@@ -103,6 +103,24 @@ def test_check_properties_train_and_inference(method, tiny_registered):
         assert wf.check_properties() == [], (workflow_type, method)
 
 
+def test_evaluation_preprocesses_with_the_datalist_modality(tmp_path):
+    # training reads the modality from the datalist; evaluation (train.json + evaluate.json) must do the same
+    import json
+
+    from monai.bundle import ConfigParser
+
+    datalist = tiny_dataset(tmp_path / "data")
+    dl = json.loads(Path(datalist).read_text())
+    dl["modality"] = "CT"
+    Path(datalist).write_text(json.dumps(dl))
+    parser = ConfigParser()
+    parser.read_config(configs("train.json", "evaluate.json"))
+    parser.update({"datalist": str(datalist)})
+    assert parser.get_parsed_content("modality") == "CT"
+    parser.update({"modality": "MR"})  # an explicit override still wins
+    assert parser.get_parsed_content("modality") == "MR"
+
+
 def oblique_input(tmp_path, src: str) -> str:
     """The same voxels as ``src`` stored with a rotated, LPS-like direction matrix."""
     img = nib.load(src)
