@@ -83,36 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="B-spline final grid spacing in mm (default max(20, 2 x largest voxel spacing))",
     )
     d = RegistrationSettings()
-    pre.add_argument(
-        "--affine-levels", type=int, default=d.affine_levels, help=f"affine pyramid levels ({d.affine_levels})"
-    )
-    pre.add_argument(
-        "--affine-iterations",
-        type=int,
-        default=d.affine_iterations,
-        help=f"affine iterations per level ({d.affine_iterations})",
-    )
-    pre.add_argument(
-        "--affine-samples",
-        type=int,
-        default=d.affine_samples,
-        help=f"affine random samples per iteration ({d.affine_samples})",
-    )
-    pre.add_argument(
-        "--bspline-levels", type=int, default=d.bspline_levels, help=f"B-spline levels ({d.bspline_levels})"
-    )
-    pre.add_argument(
-        "--bspline-iterations",
-        type=int,
-        default=d.bspline_iterations,
-        help=f"B-spline iterations per level ({d.bspline_iterations})",
-    )
-    pre.add_argument(
-        "--bspline-samples",
-        type=int,
-        default=d.bspline_samples,
-        help=f"B-spline random samples per iteration ({d.bspline_samples})",
-    )
+    for option, what in (
+        ("affine-levels", "affine pyramid levels"),
+        ("affine-iterations", "affine iterations per level"),
+        ("affine-samples", "affine random samples per iteration"),
+        ("bspline-levels", "B-spline levels"),
+        ("bspline-iterations", "B-spline iterations per level"),
+        ("bspline-samples", "B-spline random samples per iteration"),
+    ):
+        default = getattr(d, option.replace("-", "_"))
+        pre.add_argument(f"--{option}", type=int, default=default, help=f"{what} ({default})")
     pre.add_argument("--no-eval", action="store_true", help="skip the validation/test <-> labelled pairs")
     pre.add_argument(
         "--fields",
