@@ -87,6 +87,9 @@ SUMMARY_FIGURES = {
 }
 MAIN_COLUMNS = ["method", "labeled", "mode", *SUMMARY_FIGURES, "sec_per_iter", "sec_per_iter_vs_cts"]
 INFO_COLUMNS = [
+    "val_dice_mean",
+    "members",
+    "variant",
     "cpu_sec_per_iter",
     "cpu_sec_per_iter_vs_cts",
     "data_sec_per_iter",
@@ -399,7 +402,10 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train ``method`` from scratch in ``output_root/<method>``, evaluate it on the test group, return the row.
 
-    No validation runs during training (``val_interval`` is past the end), so the final model is evaluated.
+    Validation runs once, on the final model (``val_interval`` is past the end): it chooses the students'
+    member weights (:class:`~monai_ssl.engines.selection.StudentSelection`), with which the model is evaluated
+    on the test group; ``val_dice_mean`` is the same evaluation on the validation group (what recipes are chosen
+    by) and ``members`` the chosen weights.
     """
     from ignite.handlers import ProgressBar
 
@@ -440,13 +446,26 @@ def train_and_evaluate(
     gc.collect()
 
     start = time.perf_counter()
-    ev = _workflow(method, ["train.json", "evaluate.json"], "evaluating", configs, {**common, "eval_groups": ["test"]})
-    ev.initialize()
-    ev.run()
+    for group in ("validation", "test"):
+        eval_dir = output_dir / ("eval" if group == "test" else f"eval_{group}")
+        ev = _workflow(
+            method,
+            ["train.json", "evaluate.json"],
+            "evaluating",
+            configs,
+            {**common, "eval_groups": [group], "eval_dir": str(eval_dir)},
+        )
+        ev.initialize()
+        ev.run()
+        members = ev.parser.get_parsed_content("network").member_weights.tolist()
+        del ev
     eval_s = time.perf_counter() - start
     summary = pd.read_csv(output_dir / "eval" / "metrics_summary.csv")
+    val_summary = pd.read_csv(output_dir / "eval_validation" / "metrics_summary.csv")
     return {
         **metrics_row(summary),
+        "val_dice_mean": metrics_row(val_summary)["dice_mean"],
+        "members": "/".join(f"{w:.2f}" for w in members),
         "sec_per_iter": timer.sec_per_iter,
         "cpu_sec_per_iter": timer.cpu_sec_per_iter,
         "data_sec_per_iter": timer.data_sec_per_iter,
@@ -474,6 +493,7 @@ def benchmark(
     row (the CLI writes it, so a long run that is stopped keeps what it measured)."""
     work_dir, base = Path(work_dir).resolve(), Path(datalist).resolve()
     base_registration = Path(registration_dir).resolve()
+    variant = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted((overrides or {}).items())) or "default"
     overrides = {"registration_kind": registration_kind, **dict(overrides or {})}
     rows = []
     methods = list(dict.fromkeys(methods))  # a method measured twice in one run would make its rows ambiguous
@@ -483,7 +503,13 @@ def benchmark(
         run_dir = work_dir / f"labeled_{n}{suffix}"
         for i, method in enumerate(methods, 1):
             logger.info("[%d labelled] method %d/%d: %s", n, i, len(methods), method)
-            row: dict[str, Any] = {"method": method, "labeled": n, "mode": settings.mode, "labels": settings.labels}
+            row: dict[str, Any] = {
+                "method": method,
+                "labeled": n,
+                "mode": settings.mode,
+                "labels": settings.labels,
+                "variant": variant,
+            }
             try:
                 _check_method(method, configs)
                 if method == REG_ONLY and settings.labels != "clean":
@@ -540,11 +566,13 @@ def _tidy(df: pd.DataFrame, ratios: bool = True) -> pd.DataFrame:
 
 def write_results(df: pd.DataFrame, path: str | os.PathLike = RESULT, append: bool = False) -> Path:
     """Write the result table atomically; with ``append``, keep the rows of an existing table whose
-    (method, labeled, mode, labels) this run did not measure (ratios to CTS stay those of each row's own run)."""
+    (method, labeled, mode, labels, variant) this run did not measure (ratios to CTS stay those of each row's own
+    run)."""
     if append and Path(path).exists():
         old = pd.read_csv(path)
-        key = ["method", "labeled", "mode", "labels"]
+        key = ["method", "labeled", "mode", "labels", "variant"]
         old["labels"] = old["labels"].fillna("clean") if "labels" in old else "clean"
+        old["variant"] = old["variant"].fillna("default") if "variant" in old else "default"
         measured = set(df[key].astype(str).itertuples(index=False))
         old = old[[k not in measured for k in old[key].astype(str).itertuples(index=False)]]
         df = _tidy(pd.concat([old, df], ignore_index=True), ratios=False)
@@ -618,8 +646,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-noise", action="store_true", help="train on seeded noisy labels (boundary erosion/dilation/jitter)"
     )
     labels.add_argument("--scribbles", action="store_true", help="train on scribbles made from the labels")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="bundle override for every method (JSON value), e.g. --set lr_cnn=0.001; recorded in `variant`",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def _overrides(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -646,6 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         registration_dir=args.registration_dir,
         registration_kind=args.registration_kind,
         progress=not args.no_progress,
+        overrides=_overrides(args.set),
         on_row=lambda partial: write_results(partial, args.out, append=args.append),
     )
     path = write_results(df, args.out, append=args.append)

@@ -174,16 +174,28 @@ def test_bundle_train_evaluate_infer_export_end_to_end(tmp_path):
     tiny_dataset(data)
     out = tmp_path / "runs"
     common = dict(TINY, dataset_dir=str(data), output_root=str(out))
-    run("training", config_file=configs("train.json", "methods/cts.json"), max_iterations=4, val_interval=2, **common)
+    run("training", config_file=configs("train.json", "methods/cts.json"), max_iterations=5, val_interval=2, **common)
     models = out / "cts" / "models"
     assert {"model.pt", "model_final.pt", "checkpoint_iteration=4.pt"} <= {p.name for p in models.iterdir()}
+    final = torch.load(models / "checkpoint_iteration=4.pt", map_location="cpu", weights_only=True)
+    assert final["run_length"] == {"max_iterations": 5}
+    # validation chose the students' weights and the best checkpoint records them; make the choice student 1
+    # alone, so that evaluation, inference and export visibly follow what the checkpoint says
+    best = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    assert best["member_weights"].tolist() in [[1.0, 0.0], [0.75, 0.25], [0.5, 0.5], [0.25, 0.75], [0.0, 1.0]]
+    best["member_weights"] = torch.tensor([0.0, 1.0])
+    torch.save(best, models / "model.pt")
 
-    run(
-        "evaluating",
+    ev = ConfigWorkflow(
         config_file=configs("train.json", "evaluate.json", "methods/cts.json"),
+        workflow_type=None,
+        run_id="evaluating",
         eval_groups=["validation"],
         **common,
     )
+    ev.initialize()
+    ev.run()
+    assert ev.parser.get_parsed_content("network").member_weights.tolist() == [0.0, 1.0]
     per_case = pd.read_csv(out / "cts" / "eval" / "metrics_per_case.csv")
     assert per_case["case_id"].unique().tolist() == ["val"] and len(per_case) == 2  # two foreground classes
     assert (out / "cts" / "eval" / "overlays" / "val.png").exists()
@@ -232,6 +244,7 @@ def test_bundle_train_evaluate_infer_export_end_to_end(tmp_path):
     exported = torch.jit.load(str(ts))
     with torch.no_grad():
         assert torch.allclose(exported(x), eager(x), atol=1e-5)
+        assert torch.allclose(exported(x), eager.networks[1](x), atol=1e-5)  # student 1 alone, as recorded
 
 
 def test_inference_bundle_rejects_bad_inputs(tmp_path):

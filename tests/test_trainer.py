@@ -323,3 +323,98 @@ def test_resume_refuses_a_checkpoint_of_a_run_with_another_length(tmp_path):
     handler.save_dict["trainer"] = same
     handler.load_latest(same)
     assert same.state.iteration == 200
+
+
+def test_run_length_is_exactly_max_iterations_with_final_validation(tmp_path):
+    """500 iterations with validation every 200 train 500 (not 400 or 600) and validate at 200, 400 and 500."""
+    from monai_ssl.engines.handlers import FinalValidationHandler
+
+    dl = tiny_dataset(tmp_path)
+    trainer, log, _, _ = build(dl, max_iterations=5, interval=2)
+    # build() passes max_epochs=5 // 2 = 2; the exact length comes from max_iterations
+    trainer = SemiSupervisedTrainer(
+        "cpu",
+        max_epochs=1,
+        train_data_loader=trainer.data_loader,
+        networks=trainer.networks,
+        optimizers=trainer.optimizers,
+        loss_terms=list(trainer.loss_terms),
+        epoch_length=2,
+        max_iterations=5,
+    )
+    validated = []
+    handler = FinalValidationHandler(interval=2, epoch_level=False)
+    handler.validator = type(
+        "Recorder", (), {"run": lambda self, epoch=None: validated.append(trainer.state.iteration)}
+    )()
+    handler.attach(trainer)
+    iterations = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: iterations.append(e.state.iteration))
+    trainer.run()
+    assert iterations == [1, 2, 3, 4, 5] and trainer.max_iterations == 5
+    assert validated == [2, 4, 5]
+    with pytest.raises(ValueError, match="max_iterations"):
+        SemiSupervisedTrainer("cpu", 1, [], list(trainer.networks), trainer.optimizers, [SupervisedTerm()],
+                              max_iterations=0)  # fmt: skip
+
+
+def test_resume_compares_the_exact_run_length(tmp_path):
+    """A 500-iteration run's checkpoint (3 epochs of 200) is refused by a 600-iteration run (also 3 x 200)."""
+    from monai_ssl.engines.handlers import ResumableCheckpointHandler
+
+    def trainer_of(n):
+        net = FeatureUNet(2, 1, 2, channels=(4, 8))
+        opt = torch.optim.SGD(net.parameters(), 0.1)
+        return SemiSupervisedTrainer("cpu", 1, [], [net], [opt], [SupervisedTerm()], epoch_length=200, max_iterations=n)
+
+    old = trainer_of(500)
+    old.state.iteration, old.state.epoch = 200, 1
+    saver = ResumableCheckpointHandler(tmp_path, {"net": old.networks[0]}, 200)
+    saver.attach(old)
+    torch.save({k: v.state_dict() for k, v in saver.save_dict.items()}, tmp_path / "checkpoint_iteration=200.pt")
+    longer = trainer_of(600)
+    handler = ResumableCheckpointHandler(tmp_path, {"net": longer.networks[0]}, 200, save=False)
+    handler.attach(longer)
+    with pytest.raises(RuntimeError, match="run of 500 iterations and this run asks for 600"):
+        handler.load_latest(longer)
+    same = trainer_of(500)
+    handler = ResumableCheckpointHandler(tmp_path, {"net": same.networks[0]}, 200, save=False)
+    handler.attach(same)
+    handler.load_latest(same)
+    assert same.state.iteration == 200
+
+
+def test_amp_means_bf16_autocast_only_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):
+    import monai_ssl.engines.trainer as trainer_module
+    from monai_ssl.losses.terms import LossTerm
+
+    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: False)
+    assert trainer_module.autocast_mode(True, "cpu") is None
+    assert trainer_module.autocast_mode(False, "cpu") is None
+    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: True)
+    assert trainer_module.autocast_mode(True, "cpu") == "cpu_bf16"
+    assert trainer_module.autocast_mode(False, "cpu") is None
+
+    class DtypeProbe(LossTerm):
+        """Records the dtype the students' logits reach the loss terms with, and of the first conv's output."""
+
+        seen: list = []
+
+        def forward(self, ctx):
+            self.seen.append(ctx.logits_l[0].dtype)
+            return ctx.logits_l[0].float().mean() * 0
+
+    dl = tiny_dataset(tmp_path)
+    lab, _ = training_datasets(dl, (16, 16), pixdim=(-1, -1, -1))
+    net = FeatureUNet(2, 1, 3, channels=(4, 8, 16), num_res_units=1)
+    conv_dtypes = []
+    first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
+    trainer = SemiSupervisedTrainer(
+        "cpu", 1, SemiSupervisedLoader(lab, None, batch_size=2), [net], [torch.optim.AdamW(net.parameters())],
+        [SupervisedTerm(), DtypeProbe(name="probe")], epoch_length=2, amp=True,
+    )  # fmt: skip
+    assert trainer.precision == "cpu_bf16" and not trainer.amp  # no CUDA grad scaler
+    trainer.run()
+    assert conv_dtypes == [torch.bfloat16] * 2 and DtypeProbe.seen == [torch.float32] * 2
+    assert next(net.parameters()).dtype == torch.float32  # master weights stay float32

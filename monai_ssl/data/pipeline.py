@@ -13,12 +13,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai.data import Dataset
-from monai.transforms import Compose, RandFlipd, RandSpatialCropd, SpatialPadd
-
 from monai_ssl.data.datalist import group_cases, load_datalist, num_classes
-from monai_ssl.data.slices import SliceDataset, VolumeDataset
-from monai_ssl.data.transforms import IMAGE_KEY, PixelToWorldd, slice_augmentations, volume_transforms
+from monai_ssl.data.slices import ForegroundSampler, PatchDataset, SliceDataset, VolumeDataset
+from monai_ssl.data.transforms import (
+    DEFAULT_FLIP_AXES,
+    IMAGE_KEY,
+    PixelToWorldd,
+    slice_augmentations,
+    spatial_crop_and_flips,
+    volume_transforms,
+)
 from monai_ssl.data.validation import LABEL_KEYS, InputError
 
 __all__ = [
@@ -70,15 +74,16 @@ def registered_labels(registration_dir: str | os.PathLike, kind: str = "affine")
     return out
 
 
-def patch_augmentations(patch_size: Sequence[int], label_keys: Sequence[str] = LABEL_KEYS, flip_prob: float = 0.5):
-    """Random 3D patches with in-plane flips; the patch's MetaTensor affine becomes ``pixel_to_world``."""
+def patch_augmentations(
+    patch_size: Sequence[int],
+    label_keys: Sequence[str] = LABEL_KEYS,
+    flip_prob: float = 0.5,
+    flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
+):
+    """3D patches (random or class-centred) with flips of ``flip_axes``; the patch's MetaTensor affine becomes
+    ``pixel_to_world``."""
     keys = (IMAGE_KEY, *label_keys)
-    return [
-        SpatialPadd(keys, spatial_size=patch_size, allow_missing_keys=True),
-        RandSpatialCropd(keys, roi_size=patch_size, random_size=False, allow_missing_keys=True),
-        *[RandFlipd(keys, prob=flip_prob, spatial_axis=a, allow_missing_keys=True) for a in (0, 1)],
-        PixelToWorldd(label_keys),
-    ]
+    return [*spatial_crop_and_flips(patch_size, keys, flip_axes, flip_prob), PixelToWorldd(label_keys)]
 
 
 def training_datasets(
@@ -91,7 +96,11 @@ def training_datasets(
     augment: Mapping[str, Any] | None = None,
     cache_num_workers: int = 0,
     ignore_index: int | None = None,
-) -> tuple[Dataset, Dataset]:
+    foreground_fraction: float = 0.33,
+    unlabeled_foreground_fraction: float = 0.0,
+    flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
+    seed: int = 0,
+) -> tuple[SliceDataset | PatchDataset, SliceDataset | PatchDataset]:
     """Labelled and unlabelled training samples of a datalist.
 
     Args:
@@ -101,10 +110,16 @@ def training_datasets(
         pixdim: target spacing; non-positive entries keep the original (default: keep the slice spacing).
         context: neighbouring slices stacked as channels (2D only, odd).
         registered_labels: case_id -> registered label path for the unlabelled cases (CCT-R's RSL).
-        augment: keyword arguments of :func:`~monai_ssl.data.transforms.slice_augmentations` (2D).
+        augment: further keyword arguments of :func:`~monai_ssl.data.transforms.slice_augmentations` (2D).
         cache_num_workers: threads used to fill the volume cache.
         ignore_index: label value of unannotated pixels that labelled cases may carry (scribbles); default the
             datalist's ``"ignore_index"`` (set by :func:`monai_ssl.data.scribbles.scribble_datalist`), else none.
+        foreground_fraction: share of labelled draws centred on a voxel of a foreground class chosen uniformly
+            among the classes present (:class:`~monai_ssl.data.slices.ForegroundSampler`; nnU-Net's 0.33).
+        unlabeled_foreground_fraction: the same for unlabelled cases, on their registered labels (0: off).
+        flip_axes: the axes flipped at random (after RAS reorientation: 0 left-right, 1 back-front, 2 down-up);
+            only axes across which the anatomy is mirror-symmetric, so none by default.
+        seed: seed of the class-balanced voxel lists.
     """
     dl = _datalist(datalist)
     if ignore_index is None:
@@ -120,18 +135,23 @@ def training_datasets(
     unlabeled_cases = attach_registered_labels(group_cases(dl, "unlabeled"), registered_labels)
     if not labeled_cases:
         raise InputError(f"{dl.get('datalist_path', 'datalist')}: no labelled case to train on")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if spatial_dims == 3 and context != 1:
+        raise ValueError("context slices are a 2D option; use context=1 with spatial_dims=3")
     out = []
-    for cases, preprocess in ((labeled_cases, lab_tf), (unlabeled_cases, vol_tf)):
+    groups = ((labeled_cases, lab_tf, foreground_fraction, "label"),
+              (unlabeled_cases, vol_tf, unlabeled_foreground_fraction, "reg_label"))  # fmt: skip
+    for cases, preprocess, fraction, key in groups:
         volumes = VolumeDataset(cases, preprocess, num_workers=cache_num_workers, progress=False) if cases else []
+        sampler = ForegroundSampler(volumes, fraction, key, n_classes, seed=seed) if fraction > 0 else None
         if spatial_dims == 2:
-            tf = slice_augmentations(patch_size, **dict(augment or {})) + [PixelToWorldd()]
-            out.append(SliceDataset(volumes, tf, context=context))
-        elif spatial_dims == 3:
-            if context != 1:
-                raise ValueError("context slices are a 2D option; use context=1 with spatial_dims=3")
-            out.append(Dataset(volumes, Compose(patch_augmentations(patch_size))))
+            aug = dict(augment or {})
+            aug.setdefault("flip_axes", flip_axes)
+            tf = slice_augmentations(patch_size, **aug) + [PixelToWorldd()]
+            out.append(SliceDataset(volumes, tf, context=context, foreground=sampler))
         else:
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+            out.append(PatchDataset(volumes, patch_augmentations(patch_size, flip_axes=flip_axes), sampler))
     return out[0], out[1]
 
 

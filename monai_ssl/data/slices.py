@@ -1,9 +1,11 @@
-"""2.5D slice sampling from cached volumes, and mixed labelled/unlabelled batches.
+"""2.5D slice and 3D patch sampling from cached volumes, class-balanced draws, and mixed labelled/unlabelled batches.
 
 A :class:`VolumeDataset` caches the preprocessed volumes; a :class:`SliceDataset` indexes every slice of
 them and returns augmented 2D samples (optionally with ``k`` neighbouring slices as channels) that carry
-``case_id``, ``slice_index`` and ``pixel_to_world``; :class:`SemiSupervisedLoader` draws endless batches
-that mix both kinds of slices in a fixed ratio.
+``case_id``, ``slice_index`` and ``pixel_to_world``; a :class:`PatchDataset` returns random 3D patches. With
+a :class:`ForegroundSampler`, a fraction of the draws is centred on a voxel of a foreground class chosen
+uniformly among the classes present (nnU-Net's oversampling, so small structures are seen as often as large
+ones). :class:`SemiSupervisedLoader` draws endless batches that mix both kinds of samples in a fixed ratio.
 """
 
 from __future__ import annotations
@@ -15,12 +17,25 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, MetaTensor
 from monai.transforms import Compose, Randomizable, apply_transform
+from monai.transforms.utils import map_classes_to_indices
 from monai.utils import convert_to_tensor
 
-from monai_ssl.data.transforms import IMAGE_KEY, SLICE_BASE_KEY
+from monai_ssl.data.transforms import CROP_CENTRE_KEY, IMAGE_KEY, SLICE_BASE_KEY
 from monai_ssl.data.validation import LABEL_KEYS, InputError, check_case
 
-__all__ = ["VolumeDataset", "SliceDataset", "SemiSupervisedLoader", "extract_slice", "slice_base_affine"]
+__all__ = [
+    "VolumeDataset",
+    "SliceDataset",
+    "PatchDataset",
+    "ForegroundSampler",
+    "SemiSupervisedLoader",
+    "extract_slice",
+    "slice_base_affine",
+    "SAMPLED_CLASS_KEY",
+]
+
+#: the foreground class a sample was centred on (-1: an ordinary uniform draw)
+SAMPLED_CLASS_KEY = "sampled_class"
 
 #: scalar per-case keys copied from a volume onto each of its slices
 CASE_KEYS = ("case_id", "patient_id", "group")
@@ -96,14 +111,97 @@ def extract_slice(
     return out
 
 
-class SliceDataset(torch.utils.data.Dataset):
+class ForegroundSampler(Randomizable):
+    """Class-balanced draws over cached volumes: with probability ``fraction`` a draw picks a foreground class
+    uniformly among those present in ``key`` of any volume, then one of its voxels uniformly.
+
+    Voxel indices are listed once per volume with MONAI's ``map_classes_to_indices``, at most
+    ``max_per_class`` per class and volume (a seeded subsample, as nnU-Net caches its class locations), so a
+    draw costs a few random numbers. Classes outside ``[1, num_classes)`` (e.g. 255, unannotated scribble
+    pixels) are never centres.
+
+    Args:
+        volumes: preprocessed channel-first volume dicts.
+        fraction: share of the draws that are class-centred (0: off).
+        key: the label key whose classes are balanced (``"label"``; ``"reg_label"`` for registered labels).
+        num_classes: classes including background (default: the largest value found + 1).
+        max_per_class: cap on the listed voxels per class and volume.
+        seed: seed of the subsample and of the draws.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[Mapping[str, Any]],
+        fraction: float = 0.33,
+        key: str = "label",
+        num_classes: int | None = None,
+        max_per_class: int = 10000,
+        seed: int = 0,
+    ):
+        if not 0.0 <= float(fraction) <= 1.0:
+            raise ValueError(f"foreground fraction must be in [0, 1], got {fraction}")
+        self.fraction, self.key = float(fraction), key
+        self.set_random_state(seed)
+        tables: dict[int, list[np.ndarray]] = {}
+        for v, volume in enumerate(volumes if self.fraction > 0 else []):
+            if key not in volume:
+                continue
+            label = convert_to_tensor(volume[key], track_meta=False)[0]
+            valid = label.max().item() + 1 if num_classes is None else int(num_classes)
+            masked = torch.where(label < valid, label, torch.zeros_like(label))
+            indices = map_classes_to_indices(masked[None], num_classes=valid, max_samples_per_class=max_per_class)
+            for c, flat in enumerate(indices[1:], start=1):
+                flat = np.asarray(flat, dtype=np.int64)
+                if flat.size:
+                    ijk = np.stack(np.unravel_index(flat, tuple(label.shape)), 1)
+                    tables.setdefault(c, []).append(np.concatenate([np.full((flat.size, 1), v), ijk], 1))
+        self.classes = sorted(tables)
+        self.voxels = {c: np.concatenate(tables[c]) for c in self.classes}
+
+    def randomize(self, data: Any = None) -> None:
+        self._centred = self.R.rand() < self.fraction
+
+    def draw(self) -> tuple[int, int, np.ndarray] | None:
+        """``(class, volume index, voxel index)`` for a class-centred draw, or None for an ordinary one."""
+        self.randomize()
+        if not self._centred or not self.classes:
+            return None
+        c = self.classes[self.R.randint(len(self.classes))]
+        row = self.voxels[c][self.R.randint(len(self.voxels[c]))]
+        return c, int(row[0]), row[1:]
+
+
+class _Sampled(torch.utils.data.Dataset):
+    """Shared seeding of a sample dataset's transforms and its optional :class:`ForegroundSampler`."""
+
+    transform: Callable | None
+    foreground: ForegroundSampler | None
+
+    def set_random_state(self, seed: int) -> _Sampled:
+        """Seed the random transforms and the class-balanced draws (main process, or per worker by MONAI)."""
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed)
+        if self.foreground is not None:
+            self.foreground.set_random_state(seed + 1)
+        return self
+
+    def _finish(self, sample: dict[str, Any], sampled_class: int) -> dict[str, Any]:
+        sample[SAMPLED_CLASS_KEY] = sampled_class
+        return apply_transform(self.transform, sample) if self.transform is not None else sample
+
+
+class SliceDataset(_Sampled):
     """Every slice of a set of preprocessed volumes, each extracted and passed through ``transform``.
+
+    With a ``foreground`` sampler, a class-centred draw replaces the indexed slice by the slice through the
+    drawn voxel and asks the crop (:class:`~monai_ssl.data.transforms.CropAroundCentred`) to centre on it.
 
     Args:
         volumes: a sequence of preprocessed volume dicts (e.g. a :class:`VolumeDataset`).
         transform: slice transforms, typically ``slice_augmentations(...) + [PixelToWorldd()]``.
         context: odd number of neighbouring slices stacked as channels (2.5D).
         label_keys: label keys to carry along when a volume has them.
+        foreground: optional class-balanced sampler over ``volumes``.
     """
 
     def __init__(
@@ -112,8 +210,9 @@ class SliceDataset(torch.utils.data.Dataset):
         transform: Callable | Sequence[Callable] | None = None,
         context: int = 1,
         label_keys: Sequence[str] = LABEL_KEYS,
+        foreground: ForegroundSampler | None = None,
     ):
-        self.volumes = volumes
+        self.volumes, self.foreground = volumes, foreground
         self.context, self.label_keys = context, tuple(label_keys)
         self.transform = Compose(transform) if isinstance(transform, Sequence) else transform
         self.index = [(v, z) for v in range(len(volumes)) for z in range(volumes[v][IMAGE_KEY].shape[-1])]
@@ -121,16 +220,45 @@ class SliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def set_random_state(self, seed: int) -> SliceDataset:
-        """Seed the random transforms (used when loading in the main process)."""
-        if isinstance(self.transform, Randomizable):
-            self.transform.set_random_state(seed)
-        return self
-
     def __getitem__(self, i: int) -> dict[str, Any]:
         v, z = self.index[i]
-        sample = extract_slice(self.volumes[v], z, self.context, self.label_keys)
-        return apply_transform(self.transform, sample) if self.transform is not None else sample
+        drawn = self.foreground.draw() if self.foreground is not None else None
+        if drawn is None:
+            return self._finish(extract_slice(self.volumes[v], z, self.context, self.label_keys), -1)
+        c, v, (i, j, k) = drawn
+        sample = extract_slice(self.volumes[v], int(k), self.context, self.label_keys)
+        sample[CROP_CENTRE_KEY] = [float(i), float(j)]  # pixel indices: an extracted slice's affine is the identity
+        return self._finish(sample, c)
+
+
+class PatchDataset(_Sampled):
+    """One random 3D patch per cached volume and draw; class-centred with a ``foreground`` sampler.
+
+    ``transform`` is typically :func:`monai_ssl.data.pipeline.patch_augmentations`; the drawn voxel is given
+    in world coordinates (the volume's affine), which the crop maps back through the current affine.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[Mapping[str, Any]],
+        transform: Callable | Sequence[Callable] | None = None,
+        foreground: ForegroundSampler | None = None,
+    ):
+        self.volumes, self.foreground = volumes, foreground
+        self.transform = Compose(transform) if isinstance(transform, Sequence) else transform
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        drawn = self.foreground.draw() if self.foreground is not None else None
+        if drawn is None:
+            return self._finish(dict(self.volumes[i]), -1)
+        c, v, ijk = drawn
+        sample = dict(self.volumes[v])
+        affine = np.asarray(sample[IMAGE_KEY].affine, dtype=np.float64)
+        sample[CROP_CENTRE_KEY] = (affine @ np.append(ijk.astype(np.float64), 1.0))[:3].tolist()
+        return self._finish(sample, c)
 
 
 class SemiSupervisedLoader:
@@ -162,7 +290,7 @@ class SemiSupervisedLoader:
 
     def _loader(self, name: str, offset: int) -> DataLoader:
         ds = self.datasets[name]
-        if isinstance(ds, SliceDataset) and self.num_workers == 0:
+        if isinstance(ds, _Sampled) and self.num_workers == 0:
             ds.set_random_state(self.seed + offset)
         generator = torch.Generator().manual_seed(self.seed + offset)
         sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=2**31 - 1, generator=generator)

@@ -24,13 +24,16 @@ from monai.transforms import (
     Orientationd,
     RandAffined,
     RandFlipd,
+    Randomizable,
     RandSpatialCropd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
+    SpatialCropd,
     Spacingd,
     SpatialPadd,
     Transform,
 )
+from monai.transforms.utils import correct_crop_centers
 
 from monai_ssl.data.validation import (
     LABEL_KEYS,
@@ -42,6 +45,7 @@ from monai_ssl.data.validation import (
 
 __all__ = [
     "CheckVolumed",
+    "CropAroundCentred",
     "PixelToWorldd",
     "volume_transforms",
     "slice_augmentations",
@@ -49,6 +53,8 @@ __all__ = [
     "IMAGE_KEY",
     "SLICE_BASE_KEY",
     "PIXEL_TO_WORLD_KEY",
+    "CROP_CENTRE_KEY",
+    "DEFAULT_FLIP_AXES",
 ]
 
 IMAGE_KEY = "image"
@@ -56,6 +62,12 @@ IMAGE_KEY = "image"
 SLICE_BASE_KEY = "slice_base_affine"
 #: 4x4 pixel->world (RAS) affine of the augmented slice: ``world = M @ [i, j, 0, 1]``
 PIXEL_TO_WORLD_KEY = "pixel_to_world"
+#: where a class-balanced draw asks the crop to centre, in the coordinates of the sample's MetaTensor affine at the
+#: time of the draw (identity for an extracted slice: its pixel indices), so padding before the crop cannot shift it
+CROP_CENTRE_KEY = "crop_centre"
+#: no flips unless asked: an axis is flipped only where the anatomy is mirror-symmetric across it (brain: the
+#: left-right axis 0 after RAS reorientation; abdomen, heart: none) and its classes are not lateralised
+DEFAULT_FLIP_AXES: tuple[int, ...] = ()
 #: axis labels of the project's world frame (RAS, like NIfTI); passed explicitly to ``Orientationd``
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 #: the CT window used by the Synapse literature (abdomen soft tissue)
@@ -151,6 +163,56 @@ def volume_transforms(
     )
 
 
+class CropAroundCentred(Randomizable, MapTransform):
+    """Crop ``roi_size`` at random (MONAI ``RandSpatialCropd``), or centred on ``data[CROP_CENTRE_KEY]`` when a
+    class-balanced draw put it there (MONAI ``SpatialCropd``, the centre shifted so the crop lies inside).
+
+    The centre is given in the coordinates of the MetaTensor affine of the first key when it was drawn; it is
+    mapped through the current affine, so a ``SpatialPadd`` before this crop cannot move it. Both crops are MONAI
+    spatial transforms, so the affine (hence ``pixel_to_world``) stays exact.
+    """
+
+    def __init__(self, keys: KeysCollection, roi_size: Sequence[int], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.roi_size = tuple(int(s) for s in roi_size)
+        self.random_crop = RandSpatialCropd(keys, roi_size=roi_size, random_size=False, allow_missing_keys=True)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        self.random_crop.set_random_state(seed, state)
+        return super().set_random_state(seed, state)
+
+    def randomize(self, data: Any = None) -> None:  # randomness lives in the wrapped RandSpatialCropd
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        centre = d.pop(CROP_CENTRE_KEY, None)
+        if centre is None:
+            return self.random_crop(d)
+        ref = d[self.first_key(d)]
+        n = len(self.roi_size)
+        to_pixels = np.linalg.inv(np.asarray(ref.affine, dtype=np.float64))
+        pixel = (to_pixels @ np.append(np.asarray(centre, dtype=np.float64), 1.0))[:n]
+        centres = correct_crop_centers(
+            [int(round(c)) for c in pixel], self.roi_size, ref.shape[1:], allow_smaller=True
+        )
+        return SpatialCropd(self.keys, roi_center=[int(c) for c in centres], roi_size=self.roi_size,
+                            allow_missing_keys=True)(d)  # fmt: skip
+
+
+def spatial_crop_and_flips(
+    patch_size: Sequence[int], keys: Sequence[str], flip_axes: Sequence[int], flip_prob: float
+) -> list[Transform]:
+    """Pad to ``patch_size``, crop (random or class-centred), then flip each of ``flip_axes`` with ``flip_prob``."""
+    flips = [] if flip_prob <= 0 else [RandFlipd(keys, prob=flip_prob, spatial_axis=int(a), allow_missing_keys=True)
+                                       for a in flip_axes]  # fmt: skip
+    return [
+        SpatialPadd(keys, spatial_size=patch_size, allow_missing_keys=True),
+        CropAroundCentred(keys, roi_size=patch_size, allow_missing_keys=True),
+        *flips,
+    ]
+
+
 def slice_augmentations(
     patch_size: Sequence[int],
     label_keys: KeysCollection = LABEL_KEYS,
@@ -158,21 +220,22 @@ def slice_augmentations(
     rotate_deg: float = 15.0,
     scale: float = 0.1,
     affine_prob: float = 0.5,
+    flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
 ) -> list[Transform]:
-    """In-plane augmentation of a 2D slice: pad, random crop to ``patch_size``, flips, rotation and scaling.
+    """In-plane augmentation of a 2D slice: pad, crop to ``patch_size``, flips, rotation and scaling.
 
-    Every transform here updates the MetaTensor affine, which :class:`PixelToWorldd` turns into the pixel ->
-    world mapping; ``RandZoomd`` is deliberately not used because its affine update is wrong with
-    ``keep_size=True`` (checked by the tests of this module).
+    ``flip_axes`` are the slice axes flipped (each with ``flip_prob``): after RAS reorientation axis 0 runs
+    left-right and axis 1 back-front; flip only where the anatomy is mirror-symmetric (see
+    :data:`DEFAULT_FLIP_AXES`). Every transform here updates the MetaTensor affine, which :class:`PixelToWorldd`
+    turns into the pixel -> world mapping; ``RandZoomd`` is deliberately not used because its affine update is
+    wrong with ``keep_size=True`` (checked by the tests of this module).
     """
     keys = (IMAGE_KEY, *label_keys)
     modes = ["bilinear"] + ["nearest"] * len(tuple(label_keys))
-    out: list[Transform] = [
-        SpatialPadd(keys, spatial_size=patch_size, allow_missing_keys=True),
-        RandSpatialCropd(keys, roi_size=patch_size, random_size=False, allow_missing_keys=True),
-    ]
-    if flip_prob > 0:
-        out += [RandFlipd(keys, prob=flip_prob, spatial_axis=a, allow_missing_keys=True) for a in (0, 1)]
+    bad = [a for a in flip_axes if int(a) not in (0, 1)]
+    if bad:
+        raise ValueError(f"flip_axes of a 2D slice must be 0 and/or 1, got {list(flip_axes)}")
+    out = spatial_crop_and_flips(patch_size, keys, flip_axes, flip_prob)
     if affine_prob > 0 and (rotate_deg > 0 or scale > 0):
         out.append(
             RandAffined(

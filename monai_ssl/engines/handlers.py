@@ -1,5 +1,5 @@
-"""Training handlers: resumable checkpoints (save every N iterations, resume from the newest), and gradient
-averaging across processes for multi-GPU training."""
+"""Training handlers: resumable checkpoints (save every N iterations, resume from the newest), validation every N
+iterations and at the run's end, and gradient averaging across processes for multi-GPU training."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 
-__all__ = ["ResumableCheckpointHandler", "GradientAllReduce", "latest_checkpoint"]
+__all__ = ["ResumableCheckpointHandler", "GradientAllReduce", "FinalValidationHandler", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class ResumableCheckpointHandler:
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
+        self.save_dict["run_length"] = _RunLength(engine)
         if self.save:  # in multi-GPU runs only rank 0 saves; every rank resumes
             CheckpointSaver(
                 str(self.ckpt_dir), self.save_dict, save_interval=self.interval, epoch_level=False, n_saved=self.n_saved
@@ -81,7 +82,7 @@ class ResumableCheckpointHandler:
         self._check_length(path, engine)
         try:
             CheckpointLoader(load_path=str(path), load_dict=self.save_dict, map_location=engine.state.device)(engine)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # ValueError: an entry of this run is not in the checkpoint
             raise RuntimeError(
                 f"{path}: cannot resume from this checkpoint, it was written by a different configuration "
                 f"({str(e).splitlines()[0]}). Use another output folder or pass --resume False to start afresh."
@@ -91,17 +92,45 @@ class ResumableCheckpointHandler:
     def _check_length(path: Path, engine: Engine) -> None:
         """Refuse a checkpoint of a run with another length: its schedules (learning rate, loss weights) would
         not continue this run's, e.g. a 200-iteration run's learning rate is already 0 at iteration 200."""
-        saved = torch.load(path, map_location="cpu", weights_only=True).get("trainer")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoint.get("trainer")
         if not saved or "max_epochs" not in saved or "epoch_length" not in saved:
             return
-        before = int(saved["max_epochs"]) * int(saved["epoch_length"])
-        now = int(engine.state.max_epochs) * int(engine.state.epoch_length)
+        recorded = checkpoint.get("run_length", {}).get("max_iterations")
+        before = int(recorded or int(saved["max_epochs"]) * int(saved["epoch_length"]))
+        now = int(getattr(engine, "max_iterations", engine.state.max_epochs * engine.state.epoch_length))
         if before != now:
             raise RuntimeError(
                 f"{path}: cannot resume, this checkpoint belongs to a run of {before} iterations and this run asks "
                 f"for {now}; the learning-rate and loss-weight schedules depend on the run's length. Use another "
                 "output folder or pass --resume False to start afresh."
             )
+
+
+class _RunLength:
+    """The run's exact length in its checkpoints (ignite's own state has only ``max_epochs * epoch_length``)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, int]:
+        return {"max_iterations": int(getattr(self.engine, "max_iterations", 0))}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:  # checked before loading, see _check_length
+        pass
+
+
+class FinalValidationHandler(ValidationHandler):
+    """MONAI's ``ValidationHandler`` every ``interval`` iterations, plus once at the end of a run whose length is
+    not a multiple of the interval, so the final model is always validated (and can become ``model.pt``)."""
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self._final)
+
+    def _final(self, engine: Engine) -> None:
+        if engine.state.iteration % self.interval:
+            self(engine)
 
 
 class GradientAllReduce:

@@ -4,17 +4,26 @@ Each iteration takes a mixed batch ``{"labeled": ..., "unlabeled": ...}`` (see
 :class:`monai_ssl.data.slices.SemiSupervisedLoader`), runs every student once on the concatenated slices,
 evaluates the loss terms on a shared :class:`~monai_ssl.losses.terms.StepContext`, and steps every
 optimiser. Training is counted in iterations; an ignite "epoch" is just ``epoch_length`` of them (the
-validation / checkpoint interval), and ``max_epochs * epoch_length`` is the run's length.
+validation / checkpoint interval), and the run stops after exactly ``max_iterations`` (default
+``max_epochs * epoch_length``), also when that is not a multiple of the interval.
+
+Mixed precision (``amp=True``): CUDA autocast (float16 with a grad scaler) on a GPU; on a CPU with native
+bfloat16 (AMX or AVX512-BF16) ``torch.autocast("cpu", dtype=torch.bfloat16)`` with channels-last 2D students;
+off elsewhere and when ``amp=False``. The students' outputs are cast to float32 before the loss terms.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -22,7 +31,7 @@ from torch.optim import Optimizer
 
 from monai_ssl.losses.terms import LossTerm, StepContext
 
-__all__ = ["SemiSupervisedTrainer", "prepare_mixed_batch", "loss_summary"]
+__all__ = ["SemiSupervisedTrainer", "prepare_mixed_batch", "loss_summary", "cpu_supports_bf16", "autocast_mode"]
 
 TERMS_KEY = "terms"
 WEIGHTS_KEY = "weights"
@@ -43,6 +52,33 @@ def prepare_mixed_batch(
     if not isinstance(batchdata, Mapping) or "labeled" not in batchdata:
         raise ValueError('a semi-supervised batch must be a dict with a "labeled" entry (and optionally "unlabeled")')
     return _to_device(batchdata, device or "cpu", non_blocking)
+
+
+@cache
+def cpu_supports_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AMX tiles or AVX512-BF16), where bf16 autocast pays off;
+    emulated bf16 on other CPUs is slower than float32. Uses torch's CPU feature probes, else ``/proc/cpuinfo``."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if any(callable(p) for p in probes):
+        return any(bool(p()) for p in probes if callable(p))
+    info = Path("/proc/cpuinfo")
+    flags = info.read_text() if info.exists() else ""
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_mode(amp: bool | str, device: torch.device | str) -> str | None:
+    """Which mixed precision ``amp`` means on ``device``: ``"cuda"`` (float16 + grad scaler), ``"cpu_bf16"``, or
+    None (float32): the one rule shared by training and the speed benchmark. ``amp="bf16"`` forces bfloat16 on a
+    CPU even without native support (to measure it)."""
+    if isinstance(amp, str) and amp.lower() == "bf16" and torch.device(device).type == "cpu":
+        return "cpu_bf16"
+    if not amp or (isinstance(amp, str) and amp.lower() in ("0", "false", "no", "off")):
+        return None
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return "cuda"
+    if torch.device(device).type == "cpu" and cpu_supports_bf16():
+        return "cpu_bf16"
+    return None
 
 
 def loss_summary(output: Mapping[str, Any]) -> dict[str, float]:
@@ -66,9 +102,12 @@ class SemiSupervisedTrainer(Trainer):
             terms' own parameters such as contrastive projectors; see ``StudentOptimizers``).
         loss_terms: the :class:`LossTerm` list that defines the method.
         epoch_length: iterations per ignite epoch (the validation / checkpoint interval).
+        max_iterations: the run's exact length (default ``max_epochs * epoch_length``); with it, ``max_epochs``
+            becomes ``ceil(max_iterations / epoch_length)`` and the run stops at ``max_iterations``.
         prepare_batch: moves a batch to the device.
         train_handlers: MONAI/ignite handlers (StatsHandler, ValidationHandler, CheckpointSaver, ...).
-        amp: mixed precision; only honoured when CUDA is available, so CPU runs print no AMP warnings.
+        amp: mixed precision: CUDA autocast on a GPU, bfloat16 autocast on a CPU that supports it natively,
+            otherwise off (see :func:`autocast_mode`).
         grad_clip: optional max gradient norm per student.
         key_train_metric, additional_metrics, postprocessing, decollate, event_names, to_kwargs, amp_kwargs:
             as in :class:`monai.engines.Trainer`. ``decollate`` defaults to False because outputs are scalars.
@@ -88,7 +127,7 @@ class SemiSupervisedTrainer(Trainer):
         epoch_length: int = 1,
         prepare_batch: Callable = prepare_mixed_batch,
         train_handlers: Sequence | None = None,
-        amp: bool = False,
+        amp: bool | str = False,
         grad_clip: float | None = None,
         key_train_metric: dict | None = None,
         additional_metrics: dict | None = None,
@@ -98,11 +137,17 @@ class SemiSupervisedTrainer(Trainer):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
         optim_set_to_none: bool = True,
+        max_iterations: int | None = None,
     ):
         networks = list(networks) if isinstance(networks, (Sequence, nn.ModuleList)) else [networks]
         optimizers = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
         if max_epochs < 1 or epoch_length < 1:
             raise ValueError(f"max_epochs ({max_epochs}) and epoch_length ({epoch_length}) must be positive")
+        if max_iterations is not None:
+            if int(max_iterations) < 1:
+                raise ValueError(f"max_iterations must be positive, got {max_iterations}")
+            max_epochs = math.ceil(int(max_iterations) / epoch_length)
+        self.precision = autocast_mode(amp, device)
         if not networks:
             raise ValueError("at least one network is needed")
         if not optimizers:
@@ -123,7 +168,7 @@ class SemiSupervisedTrainer(Trainer):
             additional_metrics=additional_metrics,
             handlers=train_handlers,
             postprocessing=postprocessing,
-            amp=bool(amp) and torch.cuda.is_available(),
+            amp=self.precision == "cuda",
             event_names=event_names,
             decollate=decollate,
             to_kwargs=to_kwargs,
@@ -133,7 +178,12 @@ class SemiSupervisedTrainer(Trainer):
         self.optimizers = optimizers
         # terms may own parameters and buffers (projectors, correspondence matrices): keep them with the students
         self.loss_terms = nn.ModuleList(loss_terms).to(self.state.device)
-        self.max_iterations = max_epochs * epoch_length
+        self.max_iterations = int(max_iterations) if max_iterations is not None else max_epochs * epoch_length
+        if self.max_iterations % epoch_length:
+            self.add_event_handler(Events.ITERATION_COMPLETED(once=self.max_iterations), lambda e: e.terminate())
+        if self.precision == "cpu_bf16":
+            for net in self.networks:
+                net.to(memory_format=torch.channels_last)
         self.grad_clip = grad_clip
         self.optim_set_to_none = optim_set_to_none
         self.needs_features = any(t.needs_features for t in loss_terms)
@@ -164,9 +214,18 @@ class SemiSupervisedTrainer(Trainer):
         engine.state.output = {Keys.IMAGE: labeled[Keys.IMAGE], Keys.LABEL: labeled.get(Keys.LABEL)}
         engine.networks.train()
         iteration = engine.state.iteration - 1
-        autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext()
+        if engine.precision == "cuda":
+            autocast = torch.autocast("cuda", **engine.amp_kwargs)
+        elif engine.precision == "cpu_bf16":
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+            x = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+        else:
+            autocast = nullcontext()
         with autocast:
             logits, features = engine._forward(x)
+            if engine.precision is not None:  # loss terms reduce in float32
+                logits = [o.float() for o in logits]
+                features = None if features is None else [[f.float() for f in fs] for fs in features]
             ctx = StepContext(
                 iteration=iteration,
                 max_iterations=engine.max_iterations,

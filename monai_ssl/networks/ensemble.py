@@ -1,4 +1,5 @@
-"""Inference over several students: their logits averaged, optionally refined, as one exportable module."""
+"""Inference over several students: their logits mixed with recorded weights, optionally refined, as one
+exportable module."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ __all__ = ["StudentEnsemble"]
 
 
 class StudentEnsemble(nn.Module):
-    """Mean of the students' logits (the cross-teaching inference rule); one student passes through.
+    """Weighted mean of the students' logits; one student passes through.
+
+    ``member_weights`` (a buffer, so checkpoints carry it) starts as the plain mean (the cross-teaching rule);
+    :class:`~monai_ssl.engines.selection.StudentSelection` sets it to what validated best (one student alone,
+    or a mix), and evaluation, inference and export then use exactly that. Students of weight 0 are not run.
 
     It is a plain ``nn.Module`` whose ``forward`` returns a tensor, so MONAI inferers (``SliceInferer`` feeds it
     slice batches), ``ckpt_export`` and TorchScript tracing treat it like any single network.
@@ -54,15 +59,37 @@ class StudentEnsemble(nn.Module):
                 "(train a method with monai_ssl.losses.diffusion.DiffusionRefinementTerm and set network_def#refiner)"
             )
         self.networks = nn.ModuleList(networks)
+        self.register_buffer("member_weights", torch.full((len(networks),), 1.0 / len(networks)))
         self.refiner = refiner
         self.refine_steps, self.refine_samples = int(refine_steps), int(refine_samples)
         self.refine_variance, self.refine_seed = bool(refine_variance), refine_seed
 
+    def set_member_weights(self, weights: Sequence[float]) -> None:
+        """Use ``weights`` (non-negative, one per student, normalised here) from now on, and save them."""
+        w = torch.as_tensor([float(v) for v in weights], dtype=torch.float32)
+        if w.numel() != len(self.networks) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(
+                f"need {len(self.networks)} non-negative member weights with a positive sum, got {weights}"
+            )
+        self.member_weights.copy_(w / w.sum())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before member weights existed used the plain mean
+        state_dict.setdefault(prefix + "member_weights", torch.full((len(self.networks),), 1.0 / len(self.networks)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def mix(self, logits: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """The weighted mean of per-student logits (entries of weight 0 may be None)."""
+        weights = self.member_weights.tolist()
+        parts = [w * o for w, o in zip(weights, logits, strict=True) if w > 0]
+        out = parts[0]
+        for part in parts[1:]:
+            out = out + part
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.networks[0](x)
-        for net in self.networks[1:]:
-            out = out + net(x)
-        out = out / len(self.networks)
+        weights = self.member_weights.tolist()
+        out = self.mix([net(x) if w > 0 else None for w, net in zip(weights, self.networks, strict=True)])
         if self.refiner is None or self.refine_steps == 0:
             return torch.cat([out, out.new_zeros(out[:, :1].shape)], 1) if self.refine_variance else out
         generator = None
