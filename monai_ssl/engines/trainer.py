@@ -9,7 +9,8 @@ validation / checkpoint interval), and the run stops after exactly ``max_iterati
 
 Mixed precision (``amp=True``): CUDA autocast (float16 with a grad scaler) on a GPU; on a CPU with native
 bfloat16 (AMX or AVX512-BF16) ``torch.autocast("cpu", dtype=torch.bfloat16)`` with channels-last 2D students;
-off elsewhere and when ``amp=False``. The students' outputs are cast to float32 before the loss terms.
+off elsewhere and when ``amp=False``. Autocast covers the students' forward passes only: their outputs are cast
+to float32 and the loss terms (memory banks, projectors, teachers) run in float32.
 """
 
 from __future__ import annotations
@@ -221,33 +222,33 @@ class SemiSupervisedTrainer(Trainer):
             x = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
         else:
             autocast = nullcontext()
-        with autocast:
+        with autocast:  # the students' forward passes only: loss terms (and their own modules) run in float32
             logits, features = engine._forward(x)
-            if engine.precision is not None:  # loss terms reduce in float32
-                logits = [o.float() for o in logits]
-                features = None if features is None else [[f.float() for f in fs] for fs in features]
-            ctx = StepContext(
-                iteration=iteration,
-                max_iterations=engine.max_iterations,
-                labeled=labeled,
-                unlabeled=unlabeled,
-                logits_l=[o[:n_l] for o in logits],
-                logits_u=[o[n_l:] for o in logits],
-                features_l=None if features is None else [[f[:n_l] for f in fs] for fs in features],
-                features_u=None if features is None else [[f[n_l:] for f in fs] for fs in features],
-            )
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            total = x.new_zeros(())
-            values, weights = {}, {}
-            for term in engine.loss_terms:
-                if term.needs_unlabeled and (unlabeled is None or unlabeled[Keys.IMAGE].shape[0] == 0):
-                    continue
-                weight = float(term.weight(iteration, engine.max_iterations))
-                if weight == 0.0:
-                    continue
-                value = term(ctx)
-                total = total + weight * value
-                values[term.name], weights[term.name] = value.detach(), weight
+        if engine.precision is not None:
+            logits = [o.float() for o in logits]
+            features = None if features is None else [[f.float() for f in fs] for fs in features]
+        ctx = StepContext(
+            iteration=iteration,
+            max_iterations=engine.max_iterations,
+            labeled=labeled,
+            unlabeled=unlabeled,
+            logits_l=[o[:n_l] for o in logits],
+            logits_u=[o[n_l:] for o in logits],
+            features_l=None if features is None else [[f[:n_l] for f in fs] for fs in features],
+            features_u=None if features is None else [[f[n_l:] for f in fs] for fs in features],
+        )
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        total = x.new_zeros((), dtype=torch.float32)
+        values, weights = {}, {}
+        for term in engine.loss_terms:
+            if term.needs_unlabeled and (unlabeled is None or unlabeled[Keys.IMAGE].shape[0] == 0):
+                continue
+            weight = float(term.weight(iteration, engine.max_iterations))
+            if weight == 0.0:
+                continue
+            value = term(ctx)
+            total = total + weight * value
+            values[term.name], weights[term.name] = value.detach(), weight
         engine.state.output.update({Keys.LOSS: total.detach(), TERMS_KEY: values, WEIGHTS_KEY: weights})
         engine.state.output[Keys.PRED] = torch.stack([o.detach() for o in ctx.logits_l]).mean(0)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
