@@ -149,12 +149,22 @@ def test_training_datasets_pass_the_sampler_and_flips(tmp_path):
         "image": write_nifti(tmp_path / "t.nii.gz", vol["image"][0].numpy(), aff, np.float32),
         "label": write_nifti(tmp_path / "t_l.nii.gz", vol["label"][0].numpy(), aff, np.uint8),
     }
+    unlabeled = {"case_id": "u", "image": case["image"]}
     dl = write_datalist(
-        {"name": "s", "labels": {"0": "bg", "1": "big", "2": "tiny"}, "labeled": [case], "unlabeled": []},
+        {"name": "s", "labels": {"0": "bg", "1": "big", "2": "tiny"}, "labeled": [case], "unlabeled": [unlabeled]},
         tmp_path / "dl.json",
     )
-    lab, _ = training_datasets(dl, (12, 12), pixdim=(-1, -1, -1), foreground_fraction=0.25, flip_axes=[0])
+    lab, unl = training_datasets(
+        dl, (12, 12), pixdim=(-1, -1, -1), foreground_fraction=0.25, flip_axes=[0],
+        registered_labels={"u": case["label"]}, unlabeled_foreground_fraction=0.5,
+    )  # fmt: skip
     assert lab.foreground.fraction == 0.25 and lab.foreground.classes == [1, 2]
     assert [t.flipper.spatial_axis for t in lab.transform.transforms if isinstance(t, RandFlipd)] == [0]
+    # unlabelled draws are balanced on the registered label, which they carry; they never carry "label"
+    assert unl.foreground.key == "reg_label" and unl.foreground.classes == [1, 2]
+    unl.set_random_state(0)
+    drawn = [unl[0] for _ in range(200)]
+    assert all("label" not in s and "reg_label" in s for s in drawn)
+    assert abs(np.mean([s[SAMPLED_CLASS_KEY] >= 0 for s in drawn]) - 0.5) < 0.1
     lab0, _ = training_datasets(dl, (12, 12), pixdim=(-1, -1, -1), foreground_fraction=0.0)
     assert lab0.foreground is None
