@@ -196,16 +196,16 @@ class CropAroundCentred(Randomizable, MapTransform):
         centres = correct_crop_centers(
             [int(round(c)) for c in pixel], self.roi_size, ref.shape[1:], allow_smaller=True
         )
-        return SpatialCropd(self.keys, roi_center=[int(c) for c in centres], roi_size=self.roi_size,
-                            allow_missing_keys=True)(d)  # fmt: skip
+        centre_px = [int(c) for c in centres]
+        return SpatialCropd(self.keys, roi_center=centre_px, roi_size=self.roi_size, allow_missing_keys=True)(d)
 
 
 def spatial_crop_and_flips(
     patch_size: Sequence[int], keys: Sequence[str], flip_axes: Sequence[int], flip_prob: float
 ) -> list[Transform]:
     """Pad to ``patch_size``, crop (random or class-centred), then flip each of ``flip_axes`` with ``flip_prob``."""
-    flips = [] if flip_prob <= 0 else [RandFlipd(keys, prob=flip_prob, spatial_axis=int(a), allow_missing_keys=True)
-                                       for a in flip_axes]  # fmt: skip
+    axes = flip_axes if flip_prob > 0 else ()
+    flips = [RandFlipd(keys, prob=flip_prob, spatial_axis=int(a), allow_missing_keys=True) for a in axes]
     return [
         SpatialPadd(keys, spatial_size=patch_size, allow_missing_keys=True),
         CropAroundCentred(keys, roi_size=patch_size, allow_missing_keys=True),
