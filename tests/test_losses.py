@@ -110,6 +110,7 @@ def test_cross_pseudo_term_present_only_ignores_classes_the_teacher_never_predic
     b_np = rng.normal(size=(2, 4, 4, 4))
     b_np[:, 3] = -10.0  # student b never predicts class 3
     a = torch.tensor(a_np, dtype=torch.float32, requires_grad=True)
+    b = torch.tensor(b_np, dtype=torch.float32)
     pb = b_np.argmax(1)[:, None]
     assert 3 not in np.unique(pb)
     term = CrossPseudoTerm(criterion="dice", present_only=True)
