@@ -141,29 +141,15 @@ class CrossPseudoTerm(LossTerm):
     ``Dice(softmax(A), argmax(B)) + Dice(softmax(B), argmax(A))`` (``criterion="dice"``, CTS) or the same with
     cross-entropy (``criterion="ce"``, the original CPS). The weight defaults to the Gaussian ramp-up
     ``0.1 * exp(-5 (1 - i/T)^2)``.
-
-    ``present_only`` (Dice only) averages the Dice loss over the classes the teaching student predicts somewhere
-    in the batch. A class it does not predict at all then gives no gradient, instead of the full Dice loss of 1
-    that pushes the taught student to erase that class: while one student is still immature (at CPU budgets
-    the Swin-UNet predicts only the large classes), the published loss suppresses the small structures the other
-    student has already learned.
     """
 
     needs_unlabeled = True
     min_students = 2
 
-    def __init__(
-        self,
-        name: str = "cps",
-        weight: float | WeightSchedule | None = None,
-        criterion: str = "dice",
-        present_only: bool = False,
-    ):
+    def __init__(self, name: str = "cps", weight: float | WeightSchedule | None = None, criterion: str = "dice"):
         super().__init__(name, GaussianRampUp(0.1) if weight is None else weight)
-        self.present_only = bool(present_only)
         if criterion == "dice":
-            reduction = "none" if self.present_only else "mean"
-            self.loss: nn.Module = DiceLoss(to_onehot_y=True, softmax=True, batch=True, reduction=reduction)
+            self.loss: nn.Module = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
         elif criterion == "ce":
             self.loss = nn.CrossEntropyLoss()
         else:
@@ -171,13 +157,7 @@ class CrossPseudoTerm(LossTerm):
         self.criterion = criterion
 
     def _one(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.criterion == "ce":
-            return self.loss(logits, target[:, 0])
-        if not self.present_only:
-            return self.loss(logits, target)
-        per_class = self.loss(logits, target).reshape(-1)  # (C,): batch Dice loss of each class
-        present = torch.bincount(target.reshape(-1), minlength=per_class.numel()) > 0
-        return per_class[present].mean()
+        return self.loss(logits, target) if self.criterion == "dice" else self.loss(logits, target[:, 0])
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         a, b = ctx.logits_u[0], ctx.logits_u[1]
