@@ -38,8 +38,8 @@ DEMO_VAL ?= 100
 OUT_ROOT ?= runs/demo/bundle
 BUNDLE_ARGS = --dataset_dir $(DEMO_DIR) --registration_dir $(REG_DIR) --output_root $(OUT_ROOT)
 
-# The main job end to end on the embedded demo data: about 13 minutes on 2 CPU cores (dataset 0.5 min,
-# registration 0.6 min, 500 CCT-R iterations about 10 min, evaluation and inference under 1 min).
+# The main job end to end on the embedded demo data: about 13-14 minutes on 2 idle CPU cores (dataset 0.5 min,
+# registration about 1 min, 500 CCT-R iterations about 11 min, evaluation and inference under 1 min).
 demo: install
 	@echo "== 1/6 demo dataset (real donor anatomy, synthetic MR) =="
 	$(PY) -m monai_ssl.data.demo --out $(DEMO_DIR) --seed $(SEED)
