@@ -116,8 +116,8 @@ class ForegroundSampler(Randomizable):
     uniformly among those present in ``key`` of any volume, then one of its voxels uniformly.
 
     Voxel indices are listed once per volume with MONAI's ``map_classes_to_indices``, at most
-    ``max_per_class`` per class and volume (a seeded subsample, as nnU-Net caches its class locations), so a
-    draw costs a few random numbers. Classes outside ``[1, num_classes)`` (e.g. 255, unannotated scribble
+    ``max_per_class`` per class and volume (MONAI's evenly spaced subsample of them, deterministic; nnU-Net
+    also caches a capped list of class locations), so a draw costs a few random numbers. Classes outside ``[1, num_classes)`` (e.g. 255, unannotated scribble
     pixels) are never centres.
 
     Args:
@@ -126,7 +126,7 @@ class ForegroundSampler(Randomizable):
         key: the label key whose classes are balanced (``"label"``; ``"reg_label"`` for registered labels).
         num_classes: classes including background (default: the largest value found + 1).
         max_per_class: cap on the listed voxels per class and volume.
-        seed: seed of the subsample and of the draws.
+        seed: seed of the draws.
     """
 
     def __init__(
