@@ -23,6 +23,7 @@ from registration.store import RegistrationStore
 from registration.synthetic import known_pair, phantom, random_affine, random_deformation, write_dataset
 
 SIZE, SPACING = (32, 32, 14), (1.5, 1.5, 3.0)
+PHANTOM_CLASSES = {"0": "background", "1": "body", "2": "a", "3": "b"}
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")
 
 
@@ -52,7 +53,7 @@ def affine_case(tmp_path_factory):
     m, m_label = phantom(SIZE, SPACING, seed=1)
     g = random_affine(m, np.random.default_rng(4))
     f, _ = known_pair(m, g, m_label)
-    datalist = write_dataset(root, {"m": ("labeled", m, m_label), "f": ("unlabeled", f, None)}, {"0": "bg"})
+    datalist = write_dataset(root, {"m": ("labeled", m, m_label), "f": ("unlabeled", f, None)}, PHANTOM_CLASSES)
     store = _register_all(datalist, root / "out", RegistrationSettings(kind="affine"))
     return store, g, f
 

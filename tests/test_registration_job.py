@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from registration.cli import main
-from registration.inputs import load_cases
+from registration.inputs import InputError, check_files, load_cases
 from registration.jobs import HOOKS_ENV, precompute
 from registration.params import RegistrationSettings
 from registration.store import RegistrationStore
@@ -61,10 +61,46 @@ def test_cli_rejects_missing_files_and_lists_every_problem(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert "3 problem(s)" in err
-    assert "c1: image" in err and "file not found" in err
-    assert "c0: label" in err and "not a readable image" in err
+    assert "case c1:" in err and "c1.nii.gz: image file not found" in err
+    assert "case c0:" in err and "cannot read label" in err
     assert "nowhere.nii.gz" in err
     assert not (tmp_path / "out").exists()  # rejected before any work or output
+
+
+def test_inputs_are_read_in_full_with_the_training_validator(tmp_path):
+    """Truncated data, NaN voxels, labels outside the classes, float labels and 4D images are all refused
+    before any work, each problem naming its file; a header-only check would pass the truncated file."""
+    datalist = dataset(tmp_path, 5)
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    raw = (images / "c1.nii.gz").read_bytes()
+    (images / "c1.nii.gz").write_bytes(raw[: len(raw) // 2])  # truncated: ITK would read zeros
+    nan = sitk.ReadImage(str(images / "c2.nii.gz"), sitk.sitkFloat32)
+    nan[1, 1, 1] = float("nan")
+    sitk.WriteImage(nan, str(images / "c2.nii.gz"))
+    lab = sitk.ReadImage(str(labels / "c0.nii.gz"))
+    lab[2, 2, 2] = 7  # classes are 0..3
+    sitk.WriteImage(lab, str(labels / "c0.nii.gz"))
+    four_d = sitk.JoinSeries([sitk.ReadImage(str(images / "c3.nii.gz"))] * 2)
+    sitk.WriteImage(four_d, str(images / "c3.nii.gz"))
+    with pytest.raises(InputError) as e:
+        load_cases(datalist)
+    text = str(e.value)
+    assert e.value.problems[0].startswith(f"{datalist}: 4 problem(s)")
+    assert "c1.nii.gz: cannot read image" in text
+    assert "c2.nii.gz: 1 NaN and 0 infinite intensities" in text
+    assert "c0.nii.gz: label values 7 outside the declared classes 0..3" in text
+    assert "c3.nii.gz: expected a 3D volume" in text and "4D series" in text
+    # the header-only check passes the truncated file: the full read is what catches it
+    case = {"case_id": "c1", "group": "unlabeled", "image": str(images / "c1.nii.gz")}
+    assert check_files([case], 4, load_data=False) == []
+    assert "cannot read image" in check_files([case], 4)[0]
+
+    float_label = sitk.Cast(sitk.ReadImage(str(labels / "c0.nii.gz")), sitk.sitkFloat32) * 0.5
+    tmp_label = tmp_path / "float_label.nii.gz"
+    sitk.WriteImage(float_label, str(tmp_label))
+    case = {"case_id": "c4", "group": "labeled", "image": str(images / "c4.nii.gz"), "label": str(tmp_label)}
+    (problem,) = check_files([case], 4)
+    assert "float_label.nii.gz: label map has non-integer values" in problem
 
 
 def test_help_documents_every_command(capsys):

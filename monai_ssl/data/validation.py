@@ -132,7 +132,11 @@ def check_case(
     image = arrays["image"]
     shape = _volume_shape(image.shape)
     if len(shape) != 3 or min(shape) < 2:
-        problems.append(f"{case['image']}: expected a 3D volume, got shape {tuple(image.shape)} (a 2D image?)")
+        if len(shape) == 3:
+            hint = " (fewer than 2 voxels along an axis)"
+        else:
+            hint = " (a 2D image?)" if len(shape) < 3 else " (a 4D series? give one 3D volume per case)"
+        problems.append(f"{case['image']}: expected a 3D volume, got shape {tuple(image.shape)}{hint}")
         return problems
     if load_data:
         problems += check_image_array(np.asarray(image.dataobj).reshape(shape)[None], str(case["image"]))
