@@ -14,7 +14,7 @@ SEED ?= 0
 define DEMO_TABLE
 import sys, pandas as pd
 method, reg, name = pd.read_csv(sys.argv[1]), pd.read_csv(sys.argv[2]), sys.argv[3]
-reg = reg[reg.group == "test"].groupby("class_name")[["dice", "hd95_mm"]].mean()
+reg = reg[(reg.group == "test") & reg.default].groupby("class_name")[["dice", "hd95_mm"]].mean()
 t = method.set_index("class_name")[["dice_mean", "hd95_mm_mean"]].rename(columns=lambda c: f"{name}_{c[:-5]}")
 t = t.join(reg.rename(columns=lambda c: f"reg_only_{c}"))
 t.loc["overall", ["reg_only_dice", "reg_only_hd95_mm"]] = reg.mean().values

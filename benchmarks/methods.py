@@ -362,17 +362,21 @@ def metrics_row(summary: pd.DataFrame) -> dict[str, float]:
     return row
 
 
-def reg_only_metrics(registration_dir: Path, kind: str, group: str = "test") -> dict[str, float]:
-    """Metrics of the registration-only baseline on one group, from ``reg_only/per_case.csv``.
+def reg_only_metrics(
+    registration_dir: Path, kind: str, group: str = "test", strategy: str | None = None
+) -> dict[str, float]:
+    """Metrics of the registration-only baseline on one group, from ``reg_only/per_case.csv``: the rows of the
+    strategy ``select`` uses (``default``), or of ``strategy`` (``brs``, ``fusion``, ``oracle``).
 
     The per-case rows are summarised with the same function as the trained methods' evaluation, so the
     ``overall`` figures pool (case, class) rows identically.
     """
     path = registration_dir / kind / "reg_only" / "per_case.csv"
     per_case = pd.read_csv(path)
-    rows = per_case[per_case["group"] == group].rename(columns={"class": "class_index"})
+    keep = per_case["default"].astype(bool) if strategy is None else per_case["strategy"] == strategy
+    rows = per_case[keep & (per_case["group"] == group)]
     if rows.empty:
-        raise ValueError(f"{path}: no {group} case in the registration-only report")
+        raise ValueError(f"{path}: no {group} case{f' of strategy {strategy}' if strategy else ''} in the report")
     return metrics_row(summarize_metrics(rows))
 
 

@@ -11,11 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
+from registration.fusion import Fusion
 from registration.inputs import InputError, load_cases
-from registration.jobs import precompute, setup_logging
+from registration.jobs import exclusive, precompute, setup_logging
 from registration.params import KINDS, RegistrationSettings
 from registration.report import run_report
-from registration.select import Selection, run_select
+from registration.select import STRATEGIES, Selection, run_select
 from registration.store import RegistrationStore
 
 __all__ = ["main", "build_parser", "console_logging"]
@@ -49,7 +50,23 @@ def _selection(p: argparse.ArgumentParser) -> None:
         "--label-interp",
         choices=("nearest", "label_gaussian"),
         default="nearest",
-        help="interpolation of warped labels (default nearest)",
+        help="interpolation of BRS's warped labels (default nearest)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="auto",
+        help="registered labels: brs (the cycle score's atlas), fusion (locally weighted voting of all atlases) "
+        "or auto (default: fusion with two or more atlases, else brs)",
+    )
+    p.add_argument(
+        "--fusion-sigma-mm",
+        type=float,
+        default=None,
+        help="Gaussian window of fusion's local similarity in mm (default: the target's smallest voxel spacing)",
+    )
+    p.add_argument(
+        "--fusion-power", type=float, default=Fusion.power, help=f"fusion weight exponent (default {Fusion.power:g})"
     )
 
 
@@ -132,20 +149,31 @@ def _store(args) -> RegistrationStore:
 
 
 def _how(args) -> Selection:
-    return Selection(args.score, args.w_rmse, args.w_mi, args.label_interp)
+    fusion = Fusion(args.fusion_sigma_mm, args.fusion_power)
+    return Selection(args.score, args.w_rmse, args.w_mi, args.label_interp, args.strategy, fusion)
 
 
 def _select_or_report(store, args) -> int:
     """Run ``select`` or ``report``, logging to ``OUT/<kind>/<command>.log``; 1 if some case failed."""
+    with exclusive(store.root):  # never select from the partial pairs of a running precompute
+        return _run_locked(store, args)
+
+
+def _run_locked(store, args) -> int:
     handler = setup_logging(store.root / f"{args.command}.log")
     try:
         if args.command == "select":
             result = run_select(store, _how(args), not args.no_progress)
             for case, entry in result["cases"].items():
-                print(f"{case}: atlas {entry['choice']}")
+                how = entry.get("strategy", "failed")
+                print(f"{case}: {how} (BRS atlas {entry['choice']})")
         else:
             result = run_report(store, _how(args), not args.no_progress)
-            print(result["summary"].to_string(index=False))
+            columns = ["strategy", "class_name", "dice_mean", "hd95_mm_mean", "iou_mean", "bf1_mean"]
+            print(result["summary"][columns].to_string(index=False))
+            picks = [e["brs_is_oracle"] for e in result["selection"].values() if "brs_is_oracle" in e]
+            if picks:
+                print(f"BRS picked the oracle atlas in {sum(picks)} of {len(picks)} cases")
     finally:
         logging.getLogger("registration").removeHandler(handler)
         handler.close()

@@ -10,6 +10,7 @@ B-spline stage, the Pool back-end without an explicit count made affines fail, a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
 import signal
@@ -33,6 +34,7 @@ from registration.params import parameter_maps
 __all__ = ["THREADER", "configure_threads", "warm_up", "register_pair", "run_task", "worker_main", "versions"]
 
 THREADER = "Pool"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def configure_threads(threads: int) -> None:
@@ -68,13 +70,16 @@ def versions() -> dict[str, str]:
 
 def run_test_hook(hook: str | None) -> None:
     """Test hooks (set via ``REGISTRATION_TEST_HOOKS``, see registration.jobs): ``crash`` kills this worker
-    with SIGSEGV, ``sleep:<s>`` hangs for ``s`` seconds; they exist only to exercise isolation for real."""
+    with SIGSEGV, ``sleep:<s>`` hangs for ``s`` seconds, ``hold:<s>`` hangs holding the GIL as an elastix call
+    does (libc ``sleep`` through ``ctypes.PyDLL``); they exist only to exercise isolation for real."""
     if not hook:
         return
     if hook == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
     elif hook.startswith("sleep:"):
         time.sleep(float(hook.split(":", 1)[1]))
+    elif hook.startswith("hold:"):
+        ctypes.PyDLL(None).sleep(int(hook.split(":", 1)[1]))
     else:
         raise ValueError(f"unknown test hook {hook!r}")
 
@@ -167,16 +172,35 @@ def run_task(task: PairTask, threads: int = 1) -> dict[str, Any]:
         return {"status": "failed", "error": last[-2000:]}
 
 
-def _exit_when_orphaned(lifeline) -> None:
-    """Block on the lifeline pipe; the parent holds the other end, so EOF means the parent died."""
+def _start_guardian(lifeline) -> None:
+    """Fork a guardian that SIGKILLs this worker as soon as the job dies (EOF on the lifeline pipe).
+
+    A thread cannot do it: elastix holds the GIL for the whole registration, so a watcher thread would only run
+    when the call returns, 15-45 s later. The guardian is a separate process, and the kernel kills it with the
+    worker (``PR_SET_PDEATHSIG``). Where ``prctl`` does not exist, a thread is the fallback.
+    """
+    worker = os.getpid()
+    if not sys.platform.startswith("linux"):
+        threading.Thread(target=_kill_on_eof, args=(lifeline, worker), daemon=True).start()
+        return
+    if os.fork() == 0:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != worker:  # the worker died before the request took effect
+            os._exit(0)
+        _kill_on_eof(lifeline, worker)
+
+
+def _kill_on_eof(lifeline, worker: int) -> None:
+    """Block on the lifeline pipe; the job holds the other end, so EOF means the job died."""
     with contextlib.suppress(EOFError, OSError):
         lifeline.recv()
+    os.kill(worker, signal.SIGKILL)
     os._exit(70)
 
 
 def worker_main(conn, lifeline, threads: int) -> None:
     """Long-lived pool worker: warm up once, then run tasks from ``conn`` until told to stop."""
-    threading.Thread(target=_exit_when_orphaned, args=(lifeline,), daemon=True).start()
+    _start_guardian(lifeline)
     warm_up(threads)
     conn.send(("ready", os.getpid()))
     while True:

@@ -95,8 +95,11 @@ def array_xyz(image: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 1, 0, *range(3, arr.ndim)))
 
 
-def save_like(array: np.ndarray, reference: str | os.PathLike, path: str | os.PathLike, dtype=None) -> str:
-    """Write an ``[i, j, k]`` array as NIfTI with the header and affine of the ``reference`` file, atomically.
+def save_like(
+    array: np.ndarray, reference: str | os.PathLike, path: str | os.PathLike, dtype=None, scale: float = 1.0
+) -> str:
+    """Write an ``[i, j, k]`` (or ``[i, j, k, c]``) array as NIfTI with the header and affine of the ``reference``
+    file, atomically; ``scale`` is the NIfTI slope readers apply (stored values times ``scale``).
 
     Using the reference's own header (not a header rebuilt from ITK's geometry) guarantees that nibabel and
     MONAI see exactly the reference's grid.
@@ -108,7 +111,7 @@ def save_like(array: np.ndarray, reference: str | os.PathLike, path: str | os.Pa
     header = ref.header.copy()
     header.set_data_dtype(data.dtype)
     img = nib.Nifti1Image(data, ref.affine, header)
-    img.header.set_slope_inter(1.0, 0.0)
+    img.header.set_slope_inter(scale, 0.0)
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return os.fspath(path)

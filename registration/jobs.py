@@ -109,7 +109,9 @@ def exclusive(root: Path):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
-            raise RuntimeError(f"{root}: another precompute job is running on this folder") from e
+            raise RuntimeError(
+                f"{root}: another registration job (precompute, select or report) is running on this folder"
+            ) from e
         # temporary files left by a killed run (never a finished file) can go now that no one else writes here
         for tmp in root.glob("*/.tmp-*"):
             tmp.unlink(missing_ok=True)

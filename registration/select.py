@@ -1,9 +1,15 @@
-"""Best registration selection (BRS) and registered labels.
+"""Registered labels: best registration selection (BRS) or multi-atlas label fusion.
 
 For each target volume j (an unlabelled training case, or an evaluation case for the baseline) and each
-labelled atlas q with both directions registered, compute both cycle scores of j -> q -> j and pick the
-atlas with the lowest score (the published ``S = w_rmse * RMSE - w_mi * MI`` by default, or the
-transform-space ``transform_mm``). The chosen atlas's label, warped onto j's grid, is j's registered label.
+labelled atlas q with both directions registered, both cycle scores of j -> q -> j are computed and the atlas
+with the lowest score is BRS's choice (the published ``S = w_rmse * RMSE - w_mi * MI`` by default, or the
+transform-space ``transform_mm``). The registered label of j is then, by ``strategy``:
+
+* ``brs``: the chosen atlas's label warped onto j's grid;
+* ``fusion``: the locally weighted vote of every usable atlas (:mod:`registration.fusion`), with per-voxel class
+  probabilities written beside it (``registered_probabilities/<case_id>.nii.gz``, for soft RSL targets);
+* ``auto`` (default): ``fusion`` when two or more atlases are usable, else ``brs``. On the demo and on deformable
+  cohorts the cycle score picked the best atlas no more often than chance (``registration/README.md``).
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from monai_ssl.fileio import atomic_write_json
+from registration.fusion import Fusion, fuse_labels
 from registration.geometry import save_like
 from registration.store import RegistrationStore
 
-__all__ = ["SCORES", "Selection", "choose_atlas", "registered_label", "run_select"]
+__all__ = ["SCORES", "STRATEGIES", "Selection", "choose_atlas", "registered_label", "propagate", "run_select"]
 
 log = logging.getLogger("registration")
 SCORES = {"published": "score", "transform": "transform_mm"}
+STRATEGIES = ("auto", "brs", "fusion")
+#: probabilities are stored as uint8 with this NIfTI scale factor (0..1 in 1/255 steps): 4x smaller than float32
+PROBABILITY_SCALE = 1.0 / 255.0
 
 
 @dataclass(frozen=True)
@@ -32,13 +42,23 @@ class Selection:
     score: str = "published"  # or "transform"
     w_rmse: float = 1.0
     w_mi: float = 1.0
-    interpolation: str = "nearest"  # or "label_gaussian"
+    interpolation: str = "nearest"  # or "label_gaussian" (BRS warps; fusion votes with nearest-neighbour labels)
+    strategy: str = "auto"  # or "brs", "fusion"
+    fusion: Fusion = Fusion()
 
     def __post_init__(self):
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {list(SCORES)}, got {self.score!r}")
         if self.interpolation not in ("nearest", "label_gaussian"):
             raise ValueError(f"label interpolation must be nearest or label_gaussian, got {self.interpolation!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+
+    def strategy_for(self, usable_atlases: int) -> str:
+        """``brs`` or ``fusion`` for a target with this many usable atlases (fusing one atlas is that atlas)."""
+        if usable_atlases < 2:
+            return "brs"
+        return "fusion" if self.strategy in ("auto", "fusion") else "brs"
 
 
 def choose_atlas(
@@ -71,8 +91,39 @@ def registered_label(
     return label
 
 
+def save_probabilities(probs: np.ndarray, reference, path) -> None:
+    """Write ``(C, i, j, k)`` class probabilities as a 4D ``[i, j, k, c]`` uint8 NIfTI scaled by 1/255."""
+    data = np.rint(np.moveaxis(probs, 0, -1) / PROBABILITY_SCALE).astype(np.uint8)
+    save_like(data, reference, path, scale=PROBABILITY_SCALE)
+
+
+def propagate(
+    store: RegistrationStore,
+    target: str,
+    entry: dict[str, Any],
+    how: Selection,
+    label_path,
+    probabilities_path=None,
+) -> tuple[str, np.ndarray]:
+    """Write ``target``'s registered label by the strategy for its usable atlases; return (strategy, label).
+
+    ``entry`` is :func:`choose_atlas`'s record; fusion also writes the class probabilities when a path is given.
+    """
+    usable = [a for a, s in entry["scores"].items() if s["status"] == "ok"]
+    strategy = how.strategy_for(len(usable))
+    if strategy == "brs":
+        return strategy, registered_label(store, entry["choice"], target, label_path, how.interpolation)
+    label, probs = fuse_labels(store, target, usable, store.num_classes, how.fusion)
+    reference = store.cases[target]["image"]
+    save_like(label, reference, label_path, dtype=np.int16)
+    if probabilities_path is not None:
+        save_probabilities(probs, reference, probabilities_path)
+    return strategy, label
+
+
 def run_select(store: RegistrationStore, how: Selection = Selection(), progress: bool = True) -> dict[str, Any]:
-    """BRS for every unlabelled case: write ``brs.json`` and ``registered_labels/<case_id>.nii.gz``."""
+    """Registered labels for every unlabelled case: ``brs.json`` (every score, BRS's choice, the strategy used),
+    ``registered_labels/<case_id>.nii.gz`` and, for fused cases, ``registered_probabilities/<case_id>.nii.gz``."""
     atlases, targets = store.group("labeled"), store.group("unlabeled")
     if not atlases:
         raise ValueError(f"{store.root}: the datalist has no labelled case to select from")
@@ -83,17 +134,26 @@ def run_select(store: RegistrationStore, how: Selection = Selection(), progress:
             failed[target] = "no labelled atlas has both directions registered"
             log.warning("select %s: %s", target, failed[target])
         else:
-            path = store.registered_label_path(target)
-            registered_label(store, entry["choice"], target, path, how.interpolation)
+            path, probs = store.registered_label_path(target), store.registered_probabilities_path(target)
+            strategy, _ = propagate(store, target, entry, how, path, probs)
+            entry["strategy"] = strategy
             entry["registered_label"] = str(path.relative_to(store.root))
-            log.info("select %s: atlas %s", target, entry["choice"])
+            if strategy == "fusion":
+                entry["registered_probabilities"] = str(probs.relative_to(store.root))
+                entry["atlases"] = [a for a, s in entry["scores"].items() if s["status"] == "ok"]
+            else:
+                probs.unlink(missing_ok=True)  # a stale fusion of an earlier run must not pass for this one
+            log.info("select %s: %s (BRS atlas %s)", target, strategy, entry["choice"])
         cases[target] = entry
     result = {
         "kind": store.kind,
         "score": how.score,
+        "strategy": how.strategy,
+        "fusion": {"sigma_mm": how.fusion.sigma_mm, "power": how.fusion.power},
         "weights": {"rmse": how.w_rmse, "mi": how.w_mi},
         "definition": "score = w_rmse*RMSE - w_mi*MI of volume j and its round trip j->q->j resampled once "
-        "(lower is better); transform_mm = mean |T_qj(T_jq(x)) - x| over j's foreground",
+        "(lower is better); transform_mm = mean |T_qj(T_jq(x)) - x| over j's foreground; fusion = locally "
+        "weighted voting of all usable atlases (registration/fusion.py)",
         "label_interpolation": how.interpolation,
         "cases": cases,
         "failed": failed,

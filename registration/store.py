@@ -67,6 +67,10 @@ class RegistrationStore:
         """Where ``select`` writes the registered label of an unlabelled case."""
         return self.root / "registered_labels" / f"{case_id}.nii.gz"
 
+    def registered_probabilities_path(self, case_id: str) -> Path:
+        """Where ``select`` writes the fused class probabilities of an unlabelled case (4D, uint8 / 255)."""
+        return self.root / "registered_probabilities" / f"{case_id}.nii.gz"
+
     def field_path(self, src: str, dst: str) -> Path:
         return self.root / "fields" / f"{pair_stem(src, dst)}.nii.gz"
 
@@ -98,6 +102,13 @@ class RegistrationStore:
 
     def label(self, case_id: str) -> sitk.Image:
         return self._image(case_id, "label")
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background: from the datalist's label table, else the atlases' largest label + 1."""
+        if self.labels:
+            return max(int(k) for k in self.labels) + 1
+        return 1 + max(int(sitk.GetArrayViewFromImage(self.label(a)).max()) for a in self.group("labeled"))
 
     def affine_ras(self, case_id: str) -> np.ndarray:
         """Voxel -> RAS 4x4 of a case's image (equal to nibabel's affine of the file)."""

@@ -146,32 +146,39 @@ def test_labeled_datalist_resplits_by_patient_keeping_eval_groups_and_nested_lab
         bm.labeled_datalist(datalist, 4, tmp_path / "work")
 
 
-def test_reg_only_metrics_summarise_test_rows_of_the_registration_report(tmp_path):
+def test_reg_only_metrics_summarise_default_test_rows_of_the_registration_report(tmp_path):
     rows = [
-        ("v", "validation", 1, "blob", 0.1, 9.0, "ok"),
-        ("t1", "test", 1, "blob", 0.8, 2.0, "ok"),
-        ("t1", "test", 2, "ring", 0.6, 4.0, "ok"),
-        ("t2", "test", 1, "blob", 0.4, 6.0, "ok"),
-        ("t2", "test", 2, "ring", np.nan, np.nan, "both_empty"),
+        ("v", "validation", "brs", True, 1, "blob", 0.1, 9.0, 0.05, 0.2, "ok"),
+        ("t1", "test", "brs", True, 1, "blob", 0.8, 2.0, 0.7, 0.9, "ok"),
+        ("t1", "test", "brs", True, 2, "ring", 0.6, 4.0, 0.5, 0.7, "ok"),
+        ("t1", "test", "oracle", False, 2, "ring", 0.9, 1.0, 0.8, 1.0, "ok"),
+        ("t2", "test", "fusion", True, 1, "blob", 0.4, 6.0, 0.3, 0.5, "ok"),
+        ("t2", "test", "fusion", True, 2, "ring", np.nan, np.nan, np.nan, np.nan, "both_empty"),
     ]
-    per_case = pd.DataFrame(rows, columns=["case_id", "group", "class", "class_name", "dice", "hd95_mm", "status"])
+    columns = ["case_id", "group", "strategy", "default", "class_index", "class_name", "dice", "hd95_mm", "iou", "bf1"]
+    per_case = pd.DataFrame(rows, columns=[*columns, "status"])
     (tmp_path / "affine" / "reg_only").mkdir(parents=True)
     per_case.assign(atlas="a").to_csv(tmp_path / "affine" / "reg_only" / "per_case.csv", index=False)
     got = bm.reg_only_metrics(tmp_path, "affine")
-    # validation rows and both-empty rows are left out; the overall mean pools the three used test rows
+    # validation rows, other strategies' rows and both-empty rows are left out; overall pools the 3 used test rows
     assert got == pytest.approx(
         {
             "dice_mean": (0.8 + 0.6 + 0.4) / 3,
             "hd95_mean_mm": (2.0 + 4.0 + 6.0) / 3,
+            "iou_mean": (0.7 + 0.5 + 0.3) / 3,
+            "bf1_mean": (0.9 + 0.7 + 0.5) / 3,
             "dice_blob": 0.6,
             "hd95_blob": 4.0,
+            "iou_blob": 0.5,
+            "bf1_blob": 0.7,
             "dice_ring": 0.6,
             "hd95_ring": 4.0,
-            # the registration report has no IoU or boundary F1: left NaN
-            **{f"{m}_{c}": np.nan for m in ("iou", "bf1") for c in ("mean", "blob", "ring")},
-        },
-        nan_ok=True,
+            "iou_ring": 0.5,
+            "bf1_ring": 0.7,
+        }
     )
+    oracle = bm.reg_only_metrics(tmp_path, "affine", strategy="oracle")
+    assert oracle["dice_mean"] == pytest.approx(0.9)
 
 
 def test_method_discovery_and_registration_needs():

@@ -201,23 +201,47 @@ def test_brs_picks_the_consistent_atlas_and_report_scores_it(tmp_path):
         _put(root, name, "e", compose(g, g_eval.GetInverse()), settings)
     store = RegistrationStore(tmp_path / "out", "affine")
     for score in ("published", "transform"):
-        brs = run_select(store, Selection(score=score), progress=False)
+        brs = run_select(store, Selection(score=score, strategy="brs"), progress=False)
         entry = brs["cases"]["u"]
         assert entry["choice"] == "good" and entry["choice_published"] == entry["choice_transform"] == "good"
         assert entry["scores"]["bad"]["transform_mm"] > 2.0 > 0.01 > entry["scores"]["good"]["transform_mm"]
+        assert entry["strategy"] == "brs" and not store.registered_probabilities_path("u").exists()
     assert json.loads((root / "brs.json").read_text())["cases"]["u"]["choice"] == "good"
     written = nib.load(store.registered_label_path("u"))
     np.testing.assert_allclose(written.affine, nib.load(store.cases["u"]["image"]).affine, atol=1e-5)
     truth = sitk.GetArrayFromImage(u_label).transpose(2, 1, 0)
     assert (np.asarray(written.dataobj) == truth).mean() > 0.95
-    # registration-only baseline on the labelled validation case
+    # two atlases: the default strategy fuses them and writes class probabilities on u's grid
+    fused = run_select(store, Selection(), progress=False)["cases"]["u"]
+    assert fused["strategy"] == "fusion" and fused["atlases"] == ["good", "bad"] and fused["choice"] == "good"
+    label = np.asarray(nib.load(store.registered_label_path("u")).dataobj)
+    probs = nib.load(store.registered_probabilities_path("u"))
+    assert probs.shape == (*label.shape, 4)
+    np.testing.assert_allclose(probs.affine, written.affine, atol=1e-5)
+    p = probs.get_fdata()
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=4 * 1 / 255)  # uint8 steps of 1/255
+    np.testing.assert_array_equal(p.argmax(-1)[p.max(-1) > 0.51], label[p.max(-1) > 0.51])
+    assert (label == truth).mean() > 0.95
+    # registration-only baseline on the labelled validation case: brs, fusion and oracle rows
     result = run_report(store, Selection(), progress=False)
     per_case = pd.read_csv(root / "reg_only" / "per_case.csv")
-    assert set(per_case["atlas"]) == {"good"} and set(per_case["class_name"]) == {"body", "a", "b"}
+    by = {s: g.set_index("class_name") for s, g in per_case.groupby("strategy")}
+    assert set(by) == {"brs", "fusion", "oracle"} and set(per_case["class_name"]) == {"body", "a", "b"}
+    assert set(by["brs"]["atlas"]) == {"good"} and set(by["fusion"]["atlas"]) == {"good+bad"}
+    assert per_case["default"].eq(per_case["strategy"] == "fusion").all()  # fusion: two atlases
     # two nearest-neighbour resamplings on 3 mm slices: small classes lose some overlap
     assert (per_case["dice"] > 0.65).all() and (per_case["status"] == "ok").all()
-    assert per_case.set_index("class_name").loc["body", "dice"] > 0.9
+    assert by["brs"].loc["body", "dice"] > 0.9 and by["fusion"].loc["body", "dice"] > 0.9
+    assert {"iou", "bf1", "hd95_mm"} <= set(per_case.columns) and per_case["iou"].notna().all()
+    per_atlas = pd.read_csv(root / "reg_only" / "per_atlas.csv").groupby("atlas")["dice"].mean()
+    oracle = per_atlas.idxmax()
+    np.testing.assert_allclose(by["oracle"]["dice"].mean(), per_atlas.max())
+    assert set(by["oracle"]["atlas"]) == {oracle}
+    selection = json.loads((root / "reg_only" / "selection.json").read_text())
+    assert selection["cases"]["e"]["oracle"] == oracle
+    assert selection["cases"]["e"]["brs_is_oracle"] == (oracle == "good")
     summary = pd.read_csv(root / "reg_only" / "summary.csv")
-    assert summary.iloc[-1]["class_name"] == "mean"
-    assert summary.iloc[-1]["dice_mean"] == pytest.approx(per_case["dice"].mean())
+    overall = summary[summary["class_name"] == "overall"].set_index("strategy")
+    assert list(overall.index) == ["brs", "fusion", "oracle"]
+    assert overall.loc["brs", "dice_mean"] == pytest.approx(by["brs"]["dice"].mean())
     assert not result["failed"]

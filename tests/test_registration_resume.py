@@ -56,3 +56,29 @@ def test_resume_after_kill_9(tmp_path):
     manifest = pd.read_csv(out / "affine" / "manifest.csv")
     assert (manifest["status"] == "ok").all() and len(manifest) == 6
     assert not list(pairs.glob(".tmp-*"))
+
+
+def test_kill_9_stops_a_worker_inside_a_gil_holding_call_and_select_waits_for_precompute(tmp_path):
+    """A worker blocked in a call that holds the GIL (as elastix does) dies with the job, not when the call
+    returns; and `select` refuses to read a folder whose precompute is still running."""
+    datalist = dataset(tmp_path, 3)
+    out = tmp_path / "out"
+    pairs = out / "affine" / "pairs"
+    args = ["precompute", "--datalist", str(datalist), "--out", str(out), "--kind", "affine", "--workers", "1"]
+    proc = cli(*args, env={**os.environ, HOOKS_ENV: "c0__c2=hold:120"})
+    deadline = time.monotonic() + 150
+    while not (pairs / "c0__c1.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    worker = json.loads((pairs / "c0__c1.json").read_text())["pid"]
+    select = cli("select", "--out", str(out), "--kind", "affine")
+    _, err = select.communicate(timeout=120)
+    assert select.returncode == 2 and "another registration job" in err.strip().splitlines()[-1]
+    assert not (out / "affine" / "brs.json").exists()
+    time.sleep(1.0)  # the worker is now inside the GIL-holding call
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    start = time.monotonic()
+    while _alive(worker) and time.monotonic() - start < 10:
+        time.sleep(0.05)
+    assert not _alive(worker), "worker outlived the killed job"
+    assert time.monotonic() - start < 10
