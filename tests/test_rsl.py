@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from monai_ssl.data.datalist import write_datalist
-from monai_ssl.data.pipeline import registered_labels, training_datasets
+from monai_ssl.data.pipeline import registered_labels, registered_probabilities, training_datasets
 from monai_ssl.data.validation import InputError
 from monai_ssl.losses.terms import RegistrationSupervisionTerm, StepContext, SupervisedTerm
 from tests.conftest import write_nifti
@@ -88,3 +88,52 @@ def test_rsl_term_value_equals_supervised_loss_on_registered_labels():
     assert RegistrationSupervisionTerm().weight(0, 10) == 0.5
     with pytest.raises(KeyError, match="registered_labels"):
         RegistrationSupervisionTerm()(StepContext(0, 10, {}, {"image": None}, [], logits))
+
+
+def test_soft_targets_are_the_fused_probabilities_through_the_same_augmentation(tmp_path):
+    """A 4D probability map (one channel per class) reaches the unlabelled slices resampled with the image: where
+    the registered label is confident its argmax equals the registered label, and it sums to 1 inside the crop."""
+    dl, reg = dataset_with_registered_label(tmp_path)
+    probs = np.stack([(reg == c) * 0.7 + 0.1 for c in range(3)], axis=-1).astype(np.float32)  # 0.8 + 0.1 + 0.1
+    write_nifti(tmp_path / "reg" / "affine" / "registered_probabilities" / "u.nii.gz", probs, AFF)
+    brs = json.loads((tmp_path / "reg" / "affine" / "brs.json").read_text())
+    brs["cases"]["u"]["registered_probabilities"] = "registered_probabilities/u.nii.gz"
+    (tmp_path / "reg" / "affine" / "brs.json").write_text(json.dumps(brs))
+    labels, soft = registered_labels(tmp_path / "reg"), registered_probabilities(tmp_path / "reg")
+    for affine_prob in (0.0, 1.0):
+        aug = {"affine_prob": affine_prob, "rotate_deg": 20, "scale": 0.1}
+        _, unl = training_datasets(
+            dl, (16, 16), pixdim=(-1, -1, -1), registered_labels=labels, registered_probabilities=soft, augment=aug
+        )
+        for seed in range(3):
+            unl.set_random_state(seed)
+            s = unl[2]
+            p, hard = s["reg_prob"], s["reg_label"][0]
+            assert p.shape == (3, 16, 16) and p.dtype == torch.float32
+            if affine_prob == 0:  # crops and flips only: the stored values, pixel for pixel
+                np.testing.assert_allclose(p.sum(0).numpy(), 1.0, atol=1e-5)
+                assert (p.argmax(0) == hard).all() and torch.allclose(p.max(0).values, torch.tensor(0.8))
+            else:  # rotated and scaled: bilinear probabilities vs nearest labels agree where the label is sure
+                sure = p.max(0).values > 0.75
+                assert sure.sum() > 50 and (p.argmax(0)[sure] == hard[sure]).all()
+
+
+def test_soft_rsl_with_one_hot_targets_equals_hard_rsl_and_needs_fusion(tmp_path):
+    rng = np.random.default_rng(3)
+    logits = [torch.tensor(rng.normal(size=(2, 3, 4, 4)), dtype=torch.float32) for _ in range(2)]
+    reg = torch.tensor(rng.integers(0, 3, (2, 1, 4, 4)))
+    one_hot = torch.nn.functional.one_hot(reg[:, 0], 3).permute(0, 3, 1, 2).float()
+    hard = RegistrationSupervisionTerm()(StepContext(0, 10, {}, {"reg_label": reg}, [], logits))
+    soft_term = RegistrationSupervisionTerm(soft=True)
+    soft = soft_term(StepContext(0, 10, {}, {"reg_prob": one_hot}, [], logits))
+    assert soft.item() == pytest.approx(hard.item(), rel=1e-5)
+    # a softer target moves the loss: it is read, not ignored
+    blurred = 0.5 * one_hot + 0.5 / 3
+    assert soft_term(StepContext(0, 10, {}, {"reg_prob": blurred}, [], logits)).item() != pytest.approx(soft.item())
+    with pytest.raises(KeyError, match="registered probabilities"):
+        soft_term(StepContext(0, 10, {}, {"reg_label": reg}, [], logits))
+    (tmp_path / "affine").mkdir()
+    brs = {"cases": {"u": {"choice": "l", "strategy": "brs", "registered_label": "registered_labels/u.nii.gz"}}}
+    (tmp_path / "affine" / "brs.json").write_text(json.dumps(brs))
+    with pytest.raises(InputError, match="soft RSL targets need label fusion"):
+        registered_probabilities(tmp_path, "affine")

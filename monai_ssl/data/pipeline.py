@@ -2,7 +2,8 @@
 
 ``training_datasets`` gives the labelled and unlabelled sample datasets: 2D (2.5D) augmented slices for
 ``spatial_dims=2``, random 3D patches for ``spatial_dims=3``. Unlabelled cases never carry their ``label``;
-they carry ``reg_label`` (the registered label) when registered labels are given.
+they carry ``reg_label`` (the registered label) when registered labels are given, and ``reg_prob`` (the fused
+class probabilities, soft RSL targets) when registered probabilities are given.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from monai_ssl.data.transforms import (
     spatial_crop_and_flips,
     volume_transforms,
 )
-from monai_ssl.data.validation import LABEL_KEYS, InputError
+from monai_ssl.data.validation import LABEL_KEYS, PROBABILITY_KEYS, InputError
 
 __all__ = [
     "training_datasets",
@@ -31,6 +32,7 @@ __all__ = [
     "attach_registered_labels",
     "patch_augmentations",
     "registered_labels",
+    "registered_probabilities",
 ]
 
 
@@ -39,9 +41,10 @@ def _datalist(datalist: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, A
 
 
 def attach_registered_labels(
-    cases: Sequence[dict[str, Any]], registered_labels: Mapping[str, str] | None
+    cases: Sequence[dict[str, Any]], registered_labels: Mapping[str, str] | None, key: str = "reg_label"
 ) -> list[dict[str, Any]]:
-    """Add ``reg_label`` paths (case_id -> NIfTI on that case's grid) to unlabelled cases.
+    """Add ``key`` paths (case_id -> NIfTI on that case's grid: registered labels, or with ``key="reg_prob"``
+    their class probabilities) to unlabelled cases.
 
     Every case must have one when a mapping is given, so a stale or partial registration output fails here,
     naming the missing cases, rather than silently training without registration supervision.
@@ -50,12 +53,16 @@ def attach_registered_labels(
         return list(cases)
     missing = [c["case_id"] for c in cases if c["case_id"] not in registered_labels]
     if missing:
-        raise InputError(f"no registered label for unlabelled case(s) {', '.join(missing)}")
-    return [dict(c, reg_label=str(registered_labels[c["case_id"]])) for c in cases]
+        what = "registered label" if key == "reg_label" else "registered class probabilities"
+        raise InputError(f"no {what} for unlabelled case(s) {', '.join(missing)}")
+    return [dict(c, **{key: str(registered_labels[c["case_id"]])}) for c in cases]
 
 
-def registered_labels(registration_dir: str | os.PathLike, kind: str = "affine") -> dict[str, str]:
-    """case_id -> registered label path, read from the registration job's ``<dir>/<kind>/brs.json``.
+def registered_labels(
+    registration_dir: str | os.PathLike, kind: str = "affine", what: str = "registered_label"
+) -> dict[str, str]:
+    """case_id -> registered label path (``what="registered_probabilities"``: fused class probabilities), read
+    from the registration job's ``<dir>/<kind>/brs.json``.
 
     Read as plain JSON (no ITK import): it is what ``python -m registration select`` wrote.
     """
@@ -67,11 +74,22 @@ def registered_labels(registration_dir: str | os.PathLike, kind: str = "affine")
             "`python -m registration select` first"
         )
     cases = json.loads(path.read_text()).get("cases", {})
-    out = {cid: str(root / c["registered_label"]) for cid, c in cases.items() if c.get("registered_label")}
+    out = {cid: str(root / c[what]) for cid, c in cases.items() if c.get(what)}
+    if what == "registered_probabilities" and len(out) < sum(1 for c in cases.values() if c.get("choice")):
+        brs = sorted(cid for cid, c in cases.items() if c.get("choice") and not c.get(what))
+        raise InputError(
+            f"{path}: no class probabilities for {', '.join(brs)}: their labels come from one atlas (brs); soft "
+            "RSL targets need label fusion, i.e. two or more labelled cases and `select --strategy auto|fusion`"
+        )
     missing = [str(p) for p in out.values() if not Path(p).exists()]
     if missing:
-        raise InputError([f"{p}: registered label listed in {path} is missing" for p in missing])
+        raise InputError([f"{p}: {what.replace('_', ' ')} listed in {path} is missing" for p in missing])
     return out
+
+
+def registered_probabilities(registration_dir: str | os.PathLike, kind: str = "affine") -> dict[str, str]:
+    """case_id -> fused class-probability map (4D NIfTI) of every unlabelled case, for soft RSL targets."""
+    return registered_labels(registration_dir, kind, "registered_probabilities")
 
 
 def patch_augmentations(
@@ -82,7 +100,7 @@ def patch_augmentations(
 ):
     """3D patches (random or class-centred) with flips of ``flip_axes``; the patch's MetaTensor affine becomes
     ``pixel_to_world``."""
-    keys = (IMAGE_KEY, *label_keys)
+    keys = (IMAGE_KEY, *label_keys, *PROBABILITY_KEYS)
     return [*spatial_crop_and_flips(patch_size, keys, flip_axes, flip_prob), PixelToWorldd(label_keys)]
 
 
@@ -93,6 +111,7 @@ def training_datasets(
     pixdim: Sequence[float] = (1.75, 1.75, -1.0),
     context: int = 1,
     registered_labels: Mapping[str, str] | None = None,
+    registered_probabilities: Mapping[str, str] | None = None,
     augment: Mapping[str, Any] | None = None,
     cache_num_workers: int = 0,
     ignore_index: int | None = None,
@@ -110,6 +129,7 @@ def training_datasets(
         pixdim: target spacing; non-positive entries keep the original (default: keep the slice spacing).
         context: neighbouring slices stacked as channels (2D only, odd).
         registered_labels: case_id -> registered label path for the unlabelled cases (CCT-R's RSL).
+        registered_probabilities: case_id -> fused class probabilities (``reg_prob``, soft RSL targets).
         augment: further keyword arguments of :func:`~monai_ssl.data.transforms.slice_augmentations` (2D).
         cache_num_workers: threads used to fill the volume cache.
         ignore_index: label value of unannotated pixels that labelled cases may carry (scribbles); default the
@@ -133,6 +153,7 @@ def training_datasets(
     )
     labeled_cases = group_cases(dl, "labeled")
     unlabeled_cases = attach_registered_labels(group_cases(dl, "unlabeled"), registered_labels)
+    unlabeled_cases = attach_registered_labels(unlabeled_cases, registered_probabilities, PROBABILITY_KEYS[0])
     if not labeled_cases:
         raise InputError(f"{dl.get('datalist_path', 'datalist')}: no labelled case to train on")
     if spatial_dims not in (2, 3):

@@ -21,7 +21,7 @@ from monai.transforms.utils import map_classes_to_indices
 from monai.utils import convert_to_tensor
 
 from monai_ssl.data.transforms import CROP_CENTRE_KEY, IMAGE_KEY, SLICE_BASE_KEY
-from monai_ssl.data.validation import LABEL_KEYS, InputError, check_case
+from monai_ssl.data.validation import LABEL_KEYS, PROBABILITY_KEYS, InputError, check_case
 
 __all__ = [
     "VolumeDataset",
@@ -82,8 +82,8 @@ def extract_slice(
 ) -> dict[str, Any]:
     """Cut slice ``index`` (last spatial axis) out of a channel-first volume dict.
 
-    ``context`` (odd) neighbouring slices become channels, clamped at the volume's ends. The 2D image and
-    labels get an identity affine, so later MONAI spatial transforms record exactly the in-plane mapping;
+    ``context`` (odd) neighbouring slices become channels, clamped at the volume's ends. The 2D image,
+    labels and probability maps (:data:`PROBABILITY_KEYS`) get an identity affine, so later MONAI spatial transforms record exactly the in-plane mapping;
     the slice's 3D placement goes to ``slice_base_affine``.
     """
     if context < 1 or context % 2 == 0:
@@ -104,7 +104,7 @@ def extract_slice(
     for key in CASE_KEYS:
         if key in volume:
             out[key] = volume[key]
-    for key in label_keys:
+    for key in (*label_keys, *PROBABILITY_KEYS):
         if key in volume:
             lab = convert_to_tensor(volume[key], track_meta=False)[..., index].clone()
             out[key] = MetaTensor(lab, affine=torch.eye(3, dtype=torch.float64))

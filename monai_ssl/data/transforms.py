@@ -37,10 +37,12 @@ from monai.transforms.utils import correct_crop_centers
 
 from monai_ssl.data.validation import (
     LABEL_KEYS,
+    PROBABILITY_KEYS,
     InputError,
     check_geometry,
     check_image_array,
     check_label_array,
+    check_probability_array,
 )
 
 __all__ = [
@@ -94,9 +96,11 @@ class CheckVolumed(MapTransform):
         num_classes: int | None = None,
         spatial_dims: int = 3,
         ignore_index: int | None = None,
+        probability_keys: KeysCollection = PROBABILITY_KEYS,
     ):
-        super().__init__([image_key, *label_keys], allow_missing_keys=True)
+        super().__init__([image_key, *label_keys, *probability_keys], allow_missing_keys=True)
         self.image_key, self.label_keys = image_key, tuple(label_keys)
+        self.probability_keys = tuple(probability_keys)
         self.num_classes, self.spatial_dims, self.ignore_index = num_classes, spatial_dims, ignore_index
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -112,6 +116,11 @@ class CheckVolumed(MapTransform):
                 name, image.shape[1:], image.affine, _filename(label), label.shape[1:], label.affine
             )
             problems += check_label_array(label, _filename(label), self.num_classes, self.ignore_index)
+        for key in self.probability_keys:
+            if key in d:
+                probs, pname = d[key], _filename(d[key])
+                problems += check_geometry(name, image.shape[1:], image.affine, pname, probs.shape[1:], probs.affine)
+                problems += check_probability_array(probs, pname, self.num_classes)
         if problems:
             raise InputError(problems)
         return d
@@ -127,16 +136,18 @@ def volume_transforms(
     label_keys: KeysCollection = LABEL_KEYS,
     reader: str | None = None,
     ignore_index: int | None = None,
+    probability_keys: KeysCollection = PROBABILITY_KEYS,
 ) -> Compose:
     """Deterministic per-volume preprocessing, meant to be cached by ``CacheDataset``.
 
     Non-positive ``pixdim`` entries keep the original spacing (default: the slice spacing). ``modality``
     ``"CT"`` maps the HU window ``ct_window`` to [0, 1]; ``"MR"`` maps the per-volume percentiles to [0, 1].
     Labels use nearest-neighbour resampling and are stored as uint8; ``ignore_index`` (e.g. 255, unannotated
-    pixels of scribbles) passes the label check and survives both.
+    pixels of scribbles) passes the label check and survives both. Probability maps (4D, one channel per class)
+    are resampled linearly and kept as float32.
     """
-    label_keys = tuple(label_keys)
-    keys = (IMAGE_KEY, *label_keys)
+    label_keys, probability_keys = tuple(label_keys), tuple(probability_keys)
+    keys = (IMAGE_KEY, *label_keys, *probability_keys)
     if modality.upper() == "CT":
         normalise = ScaleIntensityRanged(IMAGE_KEY, *ct_window, b_min=0.0, b_max=1.0, clip=True)
     elif modality.upper() in ("MR", "MRI"):
@@ -148,16 +159,16 @@ def volume_transforms(
         [
             LoadImaged(keys, reader=reader, image_only=True, allow_missing_keys=True),
             EnsureChannelFirstd(keys, allow_missing_keys=True),
-            CheckVolumed(IMAGE_KEY, label_keys, num_classes, ignore_index=ignore_index),
+            CheckVolumed(IMAGE_KEY, label_keys, num_classes, ignore_index=ignore_index, probability_keys=probability_keys),
             Orientationd(keys, axcodes=axcodes, labels=RAS_LABELS, allow_missing_keys=True),
             Spacingd(
                 keys,
                 pixdim=pixdim,
-                mode=["bilinear"] + ["nearest"] * len(label_keys),
+                mode=["bilinear"] + ["nearest"] * len(label_keys) + ["bilinear"] * len(probability_keys),
                 allow_missing_keys=True,
             ),
             normalise,
-            CastToTyped(IMAGE_KEY, dtype=np.float32),
+            CastToTyped((IMAGE_KEY, *probability_keys), dtype=np.float32, allow_missing_keys=True),
         ]
         + ([CastToTyped(label_keys, dtype=np.uint8, allow_missing_keys=True)] if label_keys else [])
     )
@@ -221,6 +232,7 @@ def slice_augmentations(
     scale: float = 0.1,
     affine_prob: float = 0.5,
     flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
+    probability_keys: KeysCollection = PROBABILITY_KEYS,
 ) -> list[Transform]:
     """In-plane augmentation of a 2D slice: pad, crop to ``patch_size``, flips, rotation and scaling.
 
@@ -230,8 +242,8 @@ def slice_augmentations(
     turns into the pixel -> world mapping; ``RandZoomd`` is deliberately not used because its affine update is
     wrong with ``keep_size=True`` (checked by the tests of this module).
     """
-    keys = (IMAGE_KEY, *label_keys)
-    modes = ["bilinear"] + ["nearest"] * len(tuple(label_keys))
+    keys = (IMAGE_KEY, *label_keys, *probability_keys)
+    modes = ["bilinear"] + ["nearest"] * len(tuple(label_keys)) + ["bilinear"] * len(tuple(probability_keys))
     bad = [a for a in flip_axes if int(a) not in (0, 1)]
     if bad:
         raise ValueError(f"flip_axes of a 2D slice must be 0 and/or 1, got {list(flip_axes)}")
@@ -268,9 +280,10 @@ class PixelToWorldd(Transform):
     and labels then become plain tensors (labels as int64), which batch cheaply.
     """
 
-    def __init__(self, label_keys: KeysCollection = LABEL_KEYS):
+    def __init__(self, label_keys: KeysCollection = LABEL_KEYS, probability_keys: KeysCollection = PROBABILITY_KEYS):
         self.label_keys = tuple(label_keys)
-        self.to_plain = EnsureTyped([IMAGE_KEY, *self.label_keys], track_meta=False, allow_missing_keys=True)
+        keys = [IMAGE_KEY, *self.label_keys, *probability_keys]
+        self.to_plain = EnsureTyped(keys, track_meta=False, allow_missing_keys=True)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

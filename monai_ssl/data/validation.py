@@ -23,13 +23,17 @@ __all__ = [
     "check_image_array",
     "check_label_array",
     "check_geometry",
+    "check_probability_array",
     "check_case",
     "validate_datalist",
     "LABEL_KEYS",
+    "PROBABILITY_KEYS",
 ]
 
 #: keys holding label maps; ``reg_label`` is the registered label of an unlabelled case
 LABEL_KEYS = ("label", "reg_label")
+#: keys holding per-class probability maps ``(C, *spatial)`` on the image grid: fused registered labels
+PROBABILITY_KEYS = ("reg_prob",)
 #: world-coordinate tolerance (mm) for two grids to count as the same
 GEOMETRY_ATOL_MM = 1e-3
 
@@ -80,6 +84,18 @@ def check_label_array(array: Any, name: str, n_classes: int | None, ignore_index
     if outside.size:
         shown = ", ".join(str(int(v)) for v in outside[:10])
         return [f"{name}: label values {shown} outside the declared classes 0..{n_classes - 1}"]
+    return []
+
+
+def check_probability_array(array: Any, name: str, n_classes: int | None) -> list[str]:
+    """Problems of a channel-first class-probability map ``(C, *spatial)``: channel count, values in [0, 1]."""
+    arr = np.asarray(array)
+    if n_classes is not None and arr.shape[0] != n_classes:
+        return [f"{name}: {arr.shape[0]} probability channels, expected one per class ({n_classes})"]
+    if not np.isfinite(arr).all():
+        return [f"{name}: probability map has NaN or infinite values"]
+    if arr.min() < 0 or arr.max() > 1 + 1e-3:
+        return [f"{name}: probabilities outside [0, 1] (min {arr.min():.4g}, max {arr.max():.4g})"]
     return []
 
 

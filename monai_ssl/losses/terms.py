@@ -17,7 +17,14 @@ from monai.losses import DiceCELoss, DiceLoss
 
 from monai_ssl.losses.schedules import GaussianRampUp, WeightSchedule, as_schedule
 
-__all__ = ["StepContext", "LossTerm", "SupervisedTerm", "CrossPseudoTerm", "RegistrationSupervisionTerm"]
+__all__ = [
+    "StepContext",
+    "LossTerm",
+    "SupervisedTerm",
+    "CrossPseudoTerm",
+    "RegistrationSupervisionTerm",
+    "SoftDiceCELoss",
+]
 
 
 @dataclass
@@ -103,13 +110,31 @@ class SupervisedTerm(LossTerm):
         return sum(self.loss(logits, target) for logits in ctx.logits_l)
 
 
+class SoftDiceCELoss(nn.Module):
+    """``lambda_dice * Dice + lambda_ce * CE`` against class probabilities ``(B, C, *spatial)``: MONAI's
+    ``DiceLoss(soft_label=True)`` and torch's cross-entropy with probability targets (MONAI's ``DiceCELoss`` has no
+    soft-label Dice)."""
+
+    def __init__(self, lambda_dice: float = 0.5, lambda_ce: float = 0.5):
+        super().__init__()
+        self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
+        self.dice = DiceLoss(softmax=True, batch=True, soft_label=True)
+        self.ce = nn.CrossEntropyLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(logits.dtype)
+        return self.lambda_dice * self.dice(logits, target) + self.lambda_ce * self.ce(logits, target)
+
+
 class RegistrationSupervisionTerm(SupervisedTerm):
     """CCT-R's registration supervision loss (RSL): every student's prediction on the unlabelled slices
-    against the registered label (``reg_label``: the best-registered labelled volume's label warped into the
-    unlabelled volume, carried through the same augmentation as the image).
+    against the registered label (``reg_label``: the registered atlas label, or the fusion of several, warped into
+    the unlabelled volume, carried through the same augmentation as the image).
 
     Same ``lambda_dice * Dice + lambda_ce * CE`` as the supervised term, summed over students; constant weight
-    0.5 by default, since registered labels are available, and usable, from the first iteration.
+    0.5 by default, since registered labels are available, and usable, from the first iteration. ``soft=True``
+    takes the fused class probabilities (``reg_prob``, resampled linearly) as soft targets instead: soft Dice and
+    cross-entropy against a distribution, so voxels where the atlases disagree pull less.
     """
 
     needs_unlabeled = True
@@ -120,15 +145,20 @@ class RegistrationSupervisionTerm(SupervisedTerm):
         weight: float | WeightSchedule = 0.5,
         lambda_dice: float = 0.5,
         lambda_ce: float = 0.5,
-        label_key: str = "reg_label",
+        label_key: str | None = None,
+        soft: bool = False,
     ):
-        super().__init__(name, weight, lambda_dice, lambda_ce, label_key)
+        super().__init__(name, weight, lambda_dice, lambda_ce, label_key or ("reg_prob" if soft else "reg_label"))
+        self.soft = bool(soft)
+        if self.soft:  # targets are (B, C, H, W) probabilities
+            self.loss = SoftDiceCELoss(lambda_dice, lambda_ce)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         if ctx.unlabeled is None or self.label_key not in ctx.unlabeled:
+            what = "registered_probabilities" if self.soft else "registered_labels"
             raise KeyError(
                 f"loss term {self.name!r} needs '{self.label_key}' on unlabelled slices: pass the registration "
-                "output's registered labels to the datasets (registered_labels=...)"
+                f"output's {what.replace('_', ' ')} to the datasets ({what}=...)"
             )
         target = ctx.unlabeled[self.label_key]
         return sum(self.loss(logits, target) for logits in ctx.logits_u)
