@@ -277,8 +277,10 @@ def prepare_registration(
     kind: str,
     reuse_from: Path | None = None,
     report: bool = False,
+    strategy: str = "auto",
 ) -> Path:
-    """Run the registration job for ``datalist`` into ``registration_dir``: precompute, select (and report).
+    """Run the registration job for ``datalist`` into ``registration_dir``: precompute, select (and report), with
+    the registered-label ``strategy`` (``auto``, ``brs``, ``fusion``).
 
     When ``reuse_from`` (a run on the same training volumes) is given, its pair files are hard-linked into
     ``registration_dir`` first; ``precompute`` then skips every pair whose inputs and settings match and
@@ -296,9 +298,9 @@ def prepare_registration(
                     shutil.copy2(src, pairs / src.name)
     common = ["--out", str(registration_dir), "--kind", kind, "--no-progress"]
     _registration("precompute", "--datalist", str(datalist), *common)
-    _registration("select", *common)
+    _registration("select", *common, "--strategy", strategy)
     if report:
-        _registration("report", *common)
+        _registration("report", *common, "--strategy", strategy)
     return registration_dir
 
 
@@ -318,16 +320,23 @@ def _precompute_running(root: Path) -> bool:
 
 
 def _registration_for(
-    datalist: Path, base_datalist: Path, base_registration: Path, work_dir: Path, kind: str, report: bool
+    datalist: Path,
+    base_datalist: Path,
+    base_registration: Path,
+    work_dir: Path,
+    kind: str,
+    report: bool,
+    strategy: str = "auto",
 ) -> Path:
     """The registration folder matching ``datalist``.
 
     For the base datalist it is ``base_registration``, read only: its selection (and reg-only report) must
-    exist. For a re-split datalist it is ``WORK/registration/<datalist stem>``, prepared here.
+    exist, made with ``strategy``. For a re-split datalist it is ``WORK/registration/<datalist stem>``, prepared
+    here with ``strategy``.
     """
     if datalist != base_datalist:
         derived = work_dir / "registration" / datalist.stem
-        return prepare_registration(datalist, derived, kind, reuse_from=base_registration, report=report)
+        return prepare_registration(datalist, derived, kind, base_registration, report, strategy)
     root = base_registration / kind
     found = _store_datalist(root)
     if found is not None and found != str(datalist):
@@ -491,13 +500,15 @@ def benchmark(
     configs: Path = CONFIGS,
     progress: bool = True,
     on_row: Callable[[pd.DataFrame], Any] | None = None,
+    registration_strategy: str = "auto",
 ) -> pd.DataFrame:
     """One row per (method, labelled count); a method that fails or is not available gets its reason in
     ``status`` and NaN figures, and the others still run. ``on_row`` receives the table so far after every
     row (the CLI writes it, so a long run that is stopped keeps what it measured)."""
     work_dir, base = Path(work_dir).resolve(), Path(datalist).resolve()
     base_registration = Path(registration_dir).resolve()
-    variant = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted((overrides or {}).items())) or "default"
+    named = dict(overrides or {}) | ({} if registration_strategy == "auto" else {"strategy": registration_strategy})
+    variant = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(named.items())) or "default"
     overrides = {"registration_kind": registration_kind, **dict(overrides or {})}
     rows = []
     methods = list(dict.fromkeys(methods))  # a method measured twice in one run would make its rows ambiguous
@@ -524,7 +535,13 @@ def benchmark(
                 reg = None
                 if needs_registration(method, configs):
                     reg = _registration_for(
-                        dl_path, base, base_registration, work_dir, registration_kind, report=method == REG_ONLY
+                        dl_path,
+                        base,
+                        base_registration,
+                        work_dir,
+                        registration_kind,
+                        report=method == REG_ONLY,
+                        strategy=registration_strategy,
                     )
                 if method == REG_ONLY:
                     row.update(reg_only_metrics(reg, registration_kind))
@@ -640,6 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datalist", type=Path, default=DEFAULT_DATALIST, help="datalist (demo dataset)")
     parser.add_argument("--registration-dir", type=Path, default=DEFAULT_REGISTRATION, help="registration output")
     parser.add_argument("--registration-kind", default="affine", help="registration kind (affine)")
+    parser.add_argument(
+        "--registration-strategy",
+        choices=("auto", "brs", "fusion"),
+        default="auto",
+        help="registered labels of re-split datalists: auto (fusion with 2+ atlases), brs or fusion; recorded in "
+        "`variant` unless auto",
+    )
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="run folders (runs/benchmarks/methods)")
     parser.add_argument("--out", type=Path, default=RESULT, help="result CSV (benchmarks/results/methods.csv)")
     parser.add_argument(
@@ -697,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datalist=args.datalist,
         registration_dir=args.registration_dir,
         registration_kind=args.registration_kind,
+        registration_strategy=args.registration_strategy,
         progress=not args.no_progress,
         overrides=_overrides(args.set),
         on_row=lambda partial: write_results(partial, args.out, append=args.append),
