@@ -11,9 +11,10 @@
    known-transform label; and the seconds per cycle score (both scores of one round trip).
 2. The whole precompute job on the demo dataset (``python -m registration precompute``, 2 workers x 1
    thread, elastix import included), then ``select`` and ``report``.
-3. BRS: with the pairs of (2) and every training volume's ground-truth label (read here, outside the
-   package), each training volume in turn is a target and the others are atlases. Reported: how often each
-   cycle score picks the atlas whose propagated label has the best Dice, and the Dice of the pick.
+3. BRS and fusion: with the pairs of (2) and every training volume's ground-truth label (read here, outside
+   the package), each training volume in turn is a target and the others are atlases. Reported: how often each
+   cycle score picks the atlas whose propagated label has the best Dice, the Dice of the pick, of the best and
+   of an average atlas, and the Dice of the default label fusion of all of them (``dice_fusion``).
 
 Writes ``benchmarks/results/registration.csv`` (kind, size, sec_per_pair, tre_mean_mm, dice_after,
 cycle_score_sec, ...), ``registration_jobs.csv`` and ``registration_brs.csv``.
@@ -45,6 +46,9 @@ from monai_ssl.fileio import atomic_path  # noqa: E402
 from monai_ssl.metrics import case_metrics  # noqa: E402
 from registration.cycle import cycle_scores  # noqa: E402
 from registration.elastix import register_pair, warm_up  # noqa: E402
+from registration.fusion import Fusion, vote  # noqa: E402
+from registration.geometry import array_xyz  # noqa: E402
+from registration.metrics import normalise_intensity  # noqa: E402
 from registration.pairs import PairTask  # noqa: E402
 from registration.params import RegistrationSettings  # noqa: E402
 from registration.store import RegistrationStore  # noqa: E402
@@ -69,7 +73,7 @@ def _ras_free_tre(t: sitk.Transform, g: sitk.Transform, points: list) -> np.ndar
 
 def _mean_dice(a: np.ndarray, b: np.ndarray) -> float:
     """Mean foreground Dice over the classes present in either map (the evaluation's implementation)."""
-    rows = case_metrics(a, b, int(max(a.max(), b.max())) + 1)
+    rows = case_metrics(a, b, int(max(a.max(), b.max())) + 1, spacing=1.0)  # Dice does not depend on spacing
     return float(np.nanmean([r["dice"] for r in rows]))
 
 
@@ -200,6 +204,21 @@ def _atlas_scores(store: RegistrationStore, labels: dict[str, str], target: str)
     return out
 
 
+def _fusion_dice(store: RegistrationStore, labels: dict[str, str], target: str, atlases: list[str]) -> float:
+    """Mean Dice of the default label fusion of ``atlases`` onto ``target`` (labels read here, outside the store,
+    which never exposes unlabelled cases' labels)."""
+    grid = store.image(target)
+    images, warped = [], []
+    for atlas in atlases:
+        images.append(normalise_intensity(store.warp(atlas, onto=target), array_xyz(store.image(atlas))))
+        moving = sitk.ReadImage(labels[atlas])
+        warped.append(array_xyz(sitk.Resample(moving, grid, store.transform(target, atlas), sitk.sitkNearestNeighbor)))
+    how = Fusion()
+    target_image = normalise_intensity(array_xyz(grid))
+    fused, _ = vote(target_image, images, warped, store.num_classes, how.sigma_voxels(grid.GetSpacing()), how.power)
+    return _mean_dice(fused, array_xyz(sitk.ReadImage(labels[target])))
+
+
 def brs_pick_rate(datalist: Path, kind: str, out: Path) -> list[dict]:
     """Leave-one-out over training volumes: does the lowest cycle score pick the best-Dice atlas?
 
@@ -221,7 +240,9 @@ def brs_pick_rate(datalist: Path, kind: str, out: Path) -> list[dict]:
                 for name, k in (("published", 0), ("transform", 1))
             }
             best = max(per_atlas, key=lambda a: per_atlas[a][2])
-            picks.append({"target": target, "best": best, **pick, "dice": {a: v[2] for a, v in per_atlas.items()}})
+            fusion = _fusion_dice(store, labels, target, list(per_atlas))
+            dice = {a: v[2] for a, v in per_atlas.items()}
+            picks.append({"target": target, "best": best, **pick, "dice": dice, "fusion": fusion})
             log.info(
                 "BRS %s (%s) target %s: best %s, published %s, transform %s",
                 kind,
@@ -243,6 +264,7 @@ def brs_pick_rate(datalist: Path, kind: str, out: Path) -> list[dict]:
                     "dice_picked": round(float(np.mean([p["dice"][p[score]] for p in picks])), 4),
                     "dice_best": round(float(np.mean([p["dice"][p["best"]] for p in picks])), 4),
                     "dice_mean_atlas": round(float(np.mean([np.mean(list(p["dice"].values())) for p in picks])), 4),
+                    "dice_fusion": round(float(np.mean([p["fusion"] for p in picks])), 4),
                     "chance_pick_rate": round(float(np.mean([1.0 / len(p["dice"]) for p in picks])), 3),
                 }
             )
