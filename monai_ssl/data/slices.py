@@ -261,11 +261,31 @@ class PatchDataset(_Sampled):
         return self._finish(sample, c)
 
 
+class _Draws(torch.utils.data.Dataset):
+    """Draw ``d`` of an endless stream over ``dataset``: the item and its augmentation are seeded by ``(seed, d)``
+    alone, so the stream can start at any draw (a resumed run continues exactly where the killed one left off)
+    and does not depend on the number of loader workers."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, d: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, int(d)])
+        item = int(rng.integers(len(self.dataset)))
+        if isinstance(self.dataset, _Sampled):
+            self.dataset.set_random_state(int(rng.integers(2**31 - 1)))
+        return self.dataset[item]
+
+
 class SemiSupervisedLoader:
     """Endless mixed batches ``{"labeled": batch, "unlabeled": batch}`` drawn with replacement.
 
     ``round(batch_size * labeled_ratio)`` slices per step are labelled (at least one), the rest unlabelled;
-    unlabelled samples carry no ``label``. Draws are reproducible by ``seed``. With no unlabelled dataset
+    unlabelled samples carry no ``label``. Draw ``d`` of each stream depends only on ``(seed, stream, d)``, so
+    :meth:`start_at` resumes the exact stream of an uninterrupted run. With no unlabelled dataset
     (supervised-only training) every slice of the batch is labelled.
     """
 
@@ -287,19 +307,23 @@ class SemiSupervisedLoader:
         self.batch_sizes = {"labeled": n_lab, "unlabeled": batch_size - n_lab}
         self.datasets = {"labeled": labeled, "unlabeled": unlabeled}
         self.num_workers, self.seed = num_workers, seed
+        self.start_iteration = 0
+
+    def start_at(self, iteration: int) -> None:
+        """Make the next iteration over this loader begin with the batch of training iteration ``iteration``."""
+        self.start_iteration = int(iteration)
 
     def _loader(self, name: str, offset: int) -> DataLoader:
-        ds = self.datasets[name]
-        if isinstance(ds, _Sampled) and self.num_workers == 0:
-            ds.set_random_state(self.seed + offset)
-        generator = torch.Generator().manual_seed(self.seed + offset)
-        sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=2**31 - 1, generator=generator)
+        size = self.batch_sizes[name]
+        first = self.start_iteration * size
         return DataLoader(
-            ds,
-            batch_size=self.batch_sizes[name],
-            sampler=sampler,
+            _Draws(self.datasets[name], self.seed + offset),
+            batch_size=size,
+            sampler=range(first, 2**62),
             num_workers=self.num_workers,
-            generator=generator,
+            # its own generator: creating the iterator must not draw from the global torch RNG, which a resumed
+            # run restores at the checkpoint (the workers' base seed is unused: draws are seeded per draw)
+            generator=torch.Generator().manual_seed(self.seed + offset),
             persistent_workers=self.num_workers > 0,
         )
 

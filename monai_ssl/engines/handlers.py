@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver, ValidationHandler
 
-__all__ = ["ResumableCheckpointHandler", "GradientAllReduce", "FinalValidationHandler", "latest_checkpoint"]
+__all__ = [
+    "ResumableCheckpointHandler",
+    "GradientAllReduce",
+    "FinalValidationHandler",
+    "BestMetricState",
+    "latest_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +53,15 @@ def _flag(value: bool | str) -> bool:
 class ResumableCheckpointHandler:
     """Save resumable checkpoints every ``interval`` iterations, and resume from the newest one at start.
 
-    The saved dict is ``save_dict`` plus the trainer itself (added when attached, so configs need no
-    circular reference to the trainer). Saving is MONAI's ``CheckpointSaver`` (atomic files, ``n_saved``
-    kept), loading MONAI's ``CheckpointLoader``. A killed run resumes by running the same command again:
-    networks, optimisers, schedulers and the iteration counter come back. With no checkpoint, or
-    ``resume=False``, training starts from scratch.
+    The saved dict is ``save_dict`` (networks, loss terms, optimisers, schedulers and, in the bundle, the best
+    validation score: :class:`BestMetricState`) plus what this handler adds when attached: the trainer (its
+    iteration), the run's length, the AMP grad scaler and the global random states (torch, numpy, python: dropout,
+    drop-path, random masks). Saving is MONAI's ``CheckpointSaver`` (atomic files), loading MONAI's
+    ``CheckpointLoader``. Once a new checkpoint is safely written, every older ``checkpoint_iteration=*.pt`` in
+    the folder is removed, including those of earlier, killed processes: one resumable checkpoint on disk. A
+    killed run resumes by running the same command again, and with the training data drawn per iteration
+    (:class:`~monai_ssl.data.slices.SemiSupervisedLoader`) a deterministic CPU run ends with the same weights as
+    an uninterrupted one. With no checkpoint, or ``resume=False``, training starts from scratch.
     """
 
     def __init__(
@@ -67,11 +79,24 @@ class ResumableCheckpointHandler:
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
         self.save_dict["run_length"] = _RunLength(engine)
+        self.save_dict["grad_scaler"] = _ScalerState(engine)
+        self.save_dict["random_state"] = _RandomState()
         if self.save:  # in multi-GPU runs only rank 0 saves; every rank resumes
             CheckpointSaver(
                 str(self.ckpt_dir), self.save_dict, save_interval=self.interval, epoch_level=False, n_saved=self.n_saved
             ).attach(engine)
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self.remove_older)
         engine.add_event_handler(Events.STARTED, self.load_latest)
+
+    def remove_older(self, engine: Engine) -> None:
+        """Remove resumable checkpoints older than the one just written (runs after the saver's handler)."""
+        newest = latest_checkpoint(self.ckpt_dir)
+        if newest is None:
+            return
+        for path in self.ckpt_dir.glob("checkpoint_iteration=*.pt"):
+            if path != newest:
+                path.unlink(missing_ok=True)
+                logger.info("removed the older checkpoint %s", path)
 
     def load_latest(self, engine: Engine) -> None:
         path = latest_checkpoint(self.ckpt_dir) if self.resume else None
@@ -80,8 +105,14 @@ class ResumableCheckpointHandler:
             return
         logger.info("resuming from %s", path)
         self._check_length(path, engine)
+        saved = set(torch.load(path, map_location="cpu", weights_only=True))
+        optional = {"grad_scaler", "random_state", "best"}
+        load = {k: v for k, v in self.save_dict.items() if k in saved or k not in optional}
+        absent = sorted(set(self.save_dict) - set(load))
+        if absent:  # a checkpoint of an earlier version: resumable, less exactly
+            logger.warning("%s has no %s: resuming without them", path, ", ".join(absent))
         try:
-            CheckpointLoader(load_path=str(path), load_dict=self.save_dict, map_location=engine.state.device)(engine)
+            CheckpointLoader(load_path=str(path), load_dict=load, map_location=engine.state.device)(engine)
         except (RuntimeError, ValueError) as e:  # ValueError: an entry of this run is not in the checkpoint
             raise RuntimeError(
                 f"{path}: cannot resume from this checkpoint, it was written by a different configuration "
@@ -118,6 +149,70 @@ class _RunLength:
 
     def load_state_dict(self, state: dict[str, int]) -> None:  # checked before loading, see _check_length
         pass
+
+
+class _ScalerState:
+    """The trainer's AMP grad scaler (created when the run starts, so looked up late); empty without AMP."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = getattr(self.engine, "scaler", None)
+        return scaler.state_dict() if scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        scaler = getattr(self.engine, "scaler", None)
+        if scaler is not None and state:
+            scaler.load_state_dict(state)
+
+
+class _RandomState:
+    """Global random states of torch (CPU and CUDA), numpy and python, as plain tensors and lists (loadable with
+    ``weights_only=True``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the legacy global state itself)
+        version, internal, gauss_next = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.as_tensor(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"].cpu())
+        if state.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+class BestMetricState:
+    """The best validation score so far, in the resumable checkpoint: the evaluator's ``best_metric`` and the
+    record of MONAI's key-metric ``CheckpointSaver`` (``model.pt``), so a resumed run replaces ``model.pt`` only
+    with a better model."""
+
+    def __init__(self, evaluator: Engine, saver: CheckpointSaver):
+        if getattr(saver, "_key_metric_checkpoint", None) is None:
+            raise ValueError("BestMetricState needs a CheckpointSaver with save_key_metric=True")
+        self.evaluator, self.saver = evaluator, saver
+
+    def state_dict(self) -> dict[str, Any]:
+        saved = self.saver._key_metric_checkpoint.state_dict()["_saved"]
+        return {
+            "best_metric": float(self.evaluator.state.best_metric),
+            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
+            "saved": [[float(priority), str(name)] for priority, name in saved],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        self.saver._key_metric_checkpoint.load_state_dict({"_saved": [tuple(item) for item in state["saved"]]})
 
 
 class FinalValidationHandler(ValidationHandler):

@@ -188,6 +188,14 @@ class SemiSupervisedTrainer(Trainer):
         self.grad_clip = grad_clip
         self.optim_set_to_none = optim_set_to_none
         self.needs_features = any(t.needs_features for t in loss_terms)
+        # after the handlers' STARTED (a resumed checkpoint has set the iteration): the data continue from there
+        self.add_event_handler(Events.STARTED, self._start_data)
+
+    def _start_data(self, _engine=None) -> None:
+        """A loader with ``start_at`` (:class:`~monai_ssl.data.slices.SemiSupervisedLoader`) resumes its stream
+        at the current iteration, so a resumed run sees the batches an uninterrupted run would have seen."""
+        if hasattr(self.data_loader, "start_at"):
+            self.data_loader.start_at(self.state.iteration)
 
     def run(self) -> None:  # type: ignore[override]
         """Train; the AMP grad scaler is created with the non-deprecated ``torch.amp`` API."""
