@@ -131,15 +131,34 @@ def oblique_input(tmp_path, src: str) -> str:
     return write_nifti(tmp_path / "oblique" / "obl_case.nii.gz", np.asarray(img.dataobj), aff, np.float32)
 
 
-def test_cctr_bundle_trains_with_registration_terms(tmp_path, tiny_registered):
+#: TensorBoard scalars of a CCT-R run (bundle docs, "TensorBoard"): training ones at every iteration, validation ones
+#: at the iterations validated (every val_interval and the last)
+TRAIN_TAGS = ["loss", "sup", "cross", "rsl", "scl", "w_sup", "w_cross", "w_rsl", "w_scl", "lr_0", "lr_1", "lr_2",
+              "scl/anchors", "scl/classes", "scl/reps_found"]  # fmt: skip
+VAL_TAGS = ["val_mean_dice", "val_dice/blob", "val_dice/ring", "val_seconds"]
+
+
+def test_cctr_bundle_trains_with_registration_terms_and_logs_at_the_true_iteration(tmp_path, tiny_registered):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "runs"
     common = dict(TINY, dataset_dir=str(tiny_registered / "data"), registration_dir=str(tiny_registered / "reg"))
-    run("training", config_file=configs("train.json", "methods/cctr.json"), max_iterations=2, val_interval=2,
+    run("training", config_file=configs("train.json", "methods/cctr.json"), max_iterations=3, val_interval=2,
         output_root=str(out), **common)  # fmt: skip
     ckpt = torch.load(out / "cctr" / "models" / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=False)
     # the contrastive projector is checkpointed with the students, and an optimiser steps it
     assert any("projector" in k for k in ckpt["loss_terms"])
     assert len(ckpt["optimizer"]["items"]) == 3
+    steps: dict[str, list[int]] = {}
+    for events in (out / "cctr").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+    for tag in TRAIN_TAGS:
+        assert sorted(steps.get(tag, [])) == [1, 2, 3], tag
+    for tag in VAL_TAGS:
+        assert sorted(steps.get(tag, [])) == [2, 3], tag
 
 
 @pytest.mark.parametrize("method, teacher_key", [("mt", "1.teacher"), ("uamt", "1.teacher"), ("fixmatch", "1.teacher"),

@@ -129,7 +129,7 @@ def test_ignored_pixels_give_no_gradient_and_phases_alternate():
         ctx.features_l = feats
         loss = term(ctx)
         loss.backward()
-        assert torch.isfinite(loss) and ctx.cache["dale_phase"] == term.phase(iteration)
+        assert torch.isfinite(loss) and ctx.scalars["dale/fuzzy_phase"] == (term.phase(iteration) == "fuzzy")
         for lg in logits:
             assert lg.grad[..., :3].abs().max() == 0 and lg.grad[..., 3:].abs().max() > 0
         finest = feats[0][-1]  # stride 1: ignored columns give no feature gradient either

@@ -107,7 +107,7 @@ def test_uamt_masks_uncertain_pixels():
     p = torch.sigmoid(torch.tensor(12.0)).item()  # teacher probability of class 0 at pixel 0
     expected = ((0.5 - p) ** 2 + (0.5 - (1 - p)) ** 2) / 2  # mean over the 2 classes of the one kept pixel
     assert term(ctx).item() == pytest.approx(expected, rel=1e-5)
-    assert ctx.cache["mt_certain_fraction"].item() == pytest.approx(0.5)
+    assert ctx.scalars["mt/certain_fraction"] == pytest.approx(0.5)
     assert entropy(torch.tensor([[[0.5]], [[0.5]]])[None]).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
@@ -149,7 +149,7 @@ def test_fixmatch_pseudo_labels_align_with_the_strong_view():
     mask = (conf >= 0.9).float()
     expected = (F.cross_entropy(logits, y, reduction="none") * mask).sum() / mask.numel()
     assert term(ctx).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert 0 < ctx.cache["fixmatch_confident_fraction"].item() < 1
+    assert 0 < ctx.scalars["fixmatch/confident_fraction"] < 1
 
 
 def test_fixmatch_is_zero_below_no_confident_pixel_and_uses_the_teacher():

@@ -20,6 +20,8 @@ __all__ = [
     "GradientAllReduce",
     "FinalValidationHandler",
     "BestMetricState",
+    "ProgressBar",
+    "ValidationScalars",
     "latest_checkpoint",
 ]
 
@@ -217,15 +219,99 @@ class BestMetricState:
 
 class FinalValidationHandler(ValidationHandler):
     """MONAI's ``ValidationHandler`` every ``interval`` iterations, plus once at the end of a run whose length is
-    not a multiple of the interval, so the final model is always validated (and can become ``model.pt``)."""
+    not a multiple of the interval, so the final model is always validated (and can become ``model.pt``).
+
+    The evaluator runs as "epoch" = the trainer's **iteration**, so every epoch-level log of the evaluator (MONAI's
+    ``StatsHandler`` / ``TensorBoardStatsHandler``, ``best_metric_epoch``) is at the true training iteration and
+    lines up with the training curves."""
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
         engine.add_event_handler(Events.COMPLETED, self._final)
 
+    def __call__(self, engine: Engine) -> None:
+        if self.validator is None:
+            raise RuntimeError("FinalValidationHandler has no validator")
+        self.validator.run(engine.state.iteration)
+
     def _final(self, engine: Engine) -> None:
         if engine.state.iteration % self.interval:
             self(engine)
+
+
+class ProgressBar:
+    """A tqdm bar over a whole run with rate and ETA: training iterations (resumed runs start where they left
+    off; the loss in the postfix) or an evaluator's cases. Chunked ignite epochs make ignite's own bar restart
+    at every validation interval, hence this one."""
+
+    def __init__(self, desc: str = "training", unit: str = "it", enabled: bool | str = True):
+        self.desc, self.unit, self.enabled = desc, unit, _flag(enabled)
+        self.bar = None
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.STARTED, self._open)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._step)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._fail)
+
+    def _open(self, engine: Engine) -> None:
+        from tqdm.auto import tqdm
+
+        total = getattr(engine, "max_iterations", None) or engine.state.epoch_length
+        start = engine.state.iteration if hasattr(engine, "max_iterations") else 0
+        self.bar = tqdm(total=total, initial=start, desc=self.desc, unit=self.unit, dynamic_ncols=True)
+
+    def _step(self, engine: Engine) -> None:
+        if self.bar is None:
+            return
+        self.bar.update()
+        output = engine.state.output
+        if isinstance(output, dict) and "loss" in output:
+            self.bar.set_postfix(loss=f"{float(output['loss']):.4f}", refresh=False)
+
+    def _close(self, engine: Engine) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _fail(self, engine: Engine, e: Exception) -> None:
+        self._close(engine)
+        raise e
+
+
+class ValidationScalars:
+    """Per-class validation Dice and the validation's wall seconds, to TensorBoard at the training iteration
+    (the evaluator's epoch, see :class:`FinalValidationHandler`) and to the log: ``val_dice/<class>``,
+    ``val_seconds``. ``metric`` is a per-class metric of the evaluator (MONAI ``MeanDice(reduction="mean_batch")``).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, class_names: list[str], metric: str = "val_class_dice"):
+        self.log_dir, self.class_names, self.metric = str(log_dir), list(class_names), metric
+        self.writer = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.writer is None:
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        step = engine.state.epoch
+        values = engine.state.metrics.get(self.metric)
+        seconds = float(engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0)
+        self.writer.add_scalar("val_seconds", seconds, step)
+        parts = []
+        if values is not None:
+            values = torch.as_tensor(values).flatten().tolist()
+            names = self.class_names[-len(values) :]  # the foreground classes when background is excluded
+            for name, value in zip(names, values, strict=True):
+                self.writer.add_scalar(f"val_dice/{name}", value, step)
+                parts.append(f"{name} {value:.3f}")
+        self.writer.flush()
+        logger.info("validation at iteration %d took %.1f s; Dice per class: %s", step, seconds, ", ".join(parts))
 
 
 class GradientAllReduce:

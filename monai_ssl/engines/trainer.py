@@ -36,6 +36,8 @@ __all__ = ["SemiSupervisedTrainer", "prepare_mixed_batch", "loss_summary", "cpu_
 
 TERMS_KEY = "terms"
 WEIGHTS_KEY = "weights"
+LR_KEY = "learning_rates"
+DIAGNOSTICS_KEY = "diagnostics"
 
 
 def _to_device(value: Any, device: torch.device | str, non_blocking: bool) -> Any:
@@ -84,10 +86,14 @@ def autocast_mode(amp: bool | str, device: torch.device | str) -> str | None:
 
 def loss_summary(output: Mapping[str, Any]) -> dict[str, float]:
     """Flatten the trainer output for ``StatsHandler`` / ``TensorBoardStatsHandler``: total loss, every term
-    (unweighted) and every term's current weight (``w_<name>``)."""
+    (unweighted), every term's current weight (``w_<name>``), the learning rate of every optimiser
+    (``lr_<i>``, in the order of the trainer's optimisers) and the terms' diagnostics (``<term>/<stat>``,
+    :meth:`~monai_ssl.losses.terms.LossTerm.report`)."""
     out = {"loss": float(output[Keys.LOSS])}
     out.update({k: float(v) for k, v in output.get(TERMS_KEY, {}).items()})
     out.update({f"w_{k}": float(v) for k, v in output.get(WEIGHTS_KEY, {}).items()})
+    out.update({k: float(v) for k, v in output.get(LR_KEY, {}).items()})
+    out.update({k: float(v) for k, v in output.get(DIAGNOSTICS_KEY, {}).items()})
     return out
 
 
@@ -258,6 +264,8 @@ class SemiSupervisedTrainer(Trainer):
             total = total + weight * value
             values[term.name], weights[term.name] = value.detach(), weight
         engine.state.output.update({Keys.LOSS: total.detach(), TERMS_KEY: values, WEIGHTS_KEY: weights})
+        engine.state.output[DIAGNOSTICS_KEY] = dict(ctx.scalars)
+        engine.state.output[LR_KEY] = engine.learning_rates()
         engine.state.output[Keys.PRED] = torch.stack([o.detach() for o in ctx.logits_l]).mean(0)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
@@ -282,6 +290,10 @@ class SemiSupervisedTrainer(Trainer):
             term.step_completed(iteration)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def learning_rates(self) -> dict[str, float]:
+        """``lr_<i>``: the learning rate of every optimiser (first parameter group), in optimiser order."""
+        return {f"lr_{i}": float(o.param_groups[0]["lr"]) for i, o in enumerate(self.optimizers)}
 
     def _clip(self) -> None:
         if self.grad_clip is not None:

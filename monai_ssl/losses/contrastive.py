@@ -299,7 +299,6 @@ class _ContrastiveTerm(LossTerm):
         super().__init__(name, GaussianRampUp(0.1) if weight is None else weight)
         self.label_key = label_key
         self.unlabeled_start = int(unlabeled_start)
-        self.last_stats: dict[str, float] = {}
 
     def use_unlabeled(self, ctx: StepContext) -> bool:
         return ctx.iteration >= self.unlabeled_start
@@ -433,11 +432,12 @@ class SCLTerm(_AnchorTerm):
             self.temperature,
         )  # fmt: skip
         loss = mean_over_classes(losses, anchor_cls, has_negative)
-        self.last_stats = {
-            "anchors": float(anchor_idx.numel()),
-            "classes": float(torch.unique(anchor_cls).numel()),
-            "reps_found": float(found.float().mean()) if found.numel() else 0.0,
-        }
+        self.report(
+            ctx,
+            anchors=anchor_idx.numel(),
+            classes=torch.unique(anchor_cls).numel(),
+            reps_found=found.float().mean() if found.numel() else 0.0,
+        )
         if self.reps is not None:
             self.reps.update(
                 F.normalize(z.detach().mean(dim=0), dim=1),
@@ -538,7 +538,7 @@ class MCSCTerm(_ContrastiveTerm):
             loss = self._scale_loss(z, labels, block, tg.probs.shape[2])
             if loss is not None:
                 total, used = (loss if total is None else total + loss), used + 1
-        self.last_stats = {"scales_used": float(used)}
+        self.report(ctx, scales_used=used)
         return sum(self.zero(z) for z in zs) if total is None else total
 
     def _scale_loss(self, z: torch.Tensor, labels: torch.Tensor, block: int, num_classes: int) -> torch.Tensor | None:
@@ -666,5 +666,5 @@ class MCSCv2Term(_AnchorTerm):
             flat[anchor_idx], prototypes[anchor_cls], negatives, tag[None, :] == anchor_cls[:, None], self.temperature
         )
         loss = mean_over_classes(losses, anchor_cls, has_negative)
-        self.last_stats = {"anchors": float(anchor_idx.numel()), "beta": beta, "pushed": float(sum(pushed))}
+        self.report(ctx, anchors=anchor_idx.numel(), beta=beta, pushed=sum(pushed))
         return self.zero(z) if loss is None else loss

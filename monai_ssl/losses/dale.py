@@ -394,7 +394,7 @@ class DALETerm(LossTerm):
         conf = self.label_confidence(ctx, target, valid, torch.stack([c.detach() for c in ces]).mean(0))
         onehot = F.one_hot(target[:, 0], self.num_classes).movedim(-1, 1)
         total = ctx.logits_l[0].new_zeros(())
-        fuzzy_fraction = []
+        fuzzy_fraction, w2s = [], {}
         for i, logits in enumerate(ctx.logits_l):
             probs = torch.softmax(logits, dim=1)
             fuzzy, _, _ = fuzzy_partition(probs.detach(), target, valid, self.k, self.temperature)
@@ -407,10 +407,14 @@ class DALETerm(LossTerm):
             if self.align_weight > 0 and ctx.features_l is not None:
                 w2 = self.alignment(i, ctx.features_l[i], target, fuzzy, conf, valid, align=phase == "fuzzy")
                 if w2 is not None:
-                    ctx.cache[f"{self.name}_w2_{i}"] = w2.detach()
+                    w2s[f"w2_{i}"] = w2.detach()
                     loss = loss + self.align_weight * w2
             total = total + loss
-        ctx.cache[f"{self.name}_phase"] = phase
-        ctx.cache[f"{self.name}_fuzzy_fraction"] = torch.stack(fuzzy_fraction).mean().detach()
-        ctx.cache[f"{self.name}_confidence"] = conf[valid].mean().detach() if bool(valid.any()) else conf.new_ones(())
+        self.report(
+            ctx,
+            fuzzy_phase=phase == "fuzzy",
+            fuzzy_fraction=torch.stack(fuzzy_fraction).mean(),
+            confidence=conf[valid].mean() if bool(valid.any()) else 1.0,
+            **w2s,
+        )
         return total

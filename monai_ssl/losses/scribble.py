@@ -332,7 +332,6 @@ class PixelContrastTerm(_DualDecoderTerm):
         self.queue_size, self.push_fraction = int(queue_size), float(push_fraction)
         self.projector = ContrastProjector([channels_at(self.network, self.stride)], hidden=hidden, out=out)
         self.queues: ClassFeatureQueues | None = None
-        self.last_stats: dict[str, float] = {}
 
     def confirmed_at_scale(self, tg: DualDecoderTargets) -> torch.Tensor:
         """``(N, *sp)`` class of every feature pixel whose footprint's confirmed pixels share one class, else -1."""
@@ -372,7 +371,7 @@ class PixelContrastTerm(_DualDecoderTerm):
             flat[anchor_idx], positives[anchor_cls], negatives, tag[None, :] != anchor_cls[:, None], self.temperature
         )
         loss = mean_over_classes(losses, anchor_cls, has_negative)
-        self.last_stats = {"anchors": float(anchor_idx.numel()), "pushed": float(sum(pushed)), "alpha": tg.alpha}
+        self.report(ctx, anchors=anchor_idx.numel(), pushed=sum(pushed), alpha=tg.alpha)
         return _ContrastiveTerm.zero(z) if loss is None else loss
 
     def _one_student(self, ctx: StepContext) -> StepContext:

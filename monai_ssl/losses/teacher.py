@@ -167,7 +167,7 @@ class MeanTeacherTerm(_TeacherTerm):
         passes = self.teacher(self._noisy(x.repeat(self.mc_samples, *([1] * (x.dim() - 1)))))
         target = torch.softmax(passes, dim=1).view(self.mc_samples, *prob.shape).mean(0)
         mask = (entropy(target) < self.threshold(ctx.iteration, ctx.max_iterations, prob.shape[1])).to(prob)
-        ctx.cache[f"{self.name}_certain_fraction"] = mask.mean().detach()
+        self.report(ctx, certain_fraction=mask.mean())
         return (mask * (prob - target) ** 2).sum() / (prob.shape[1] * mask.sum() + 1e-8)
 
 
@@ -208,7 +208,7 @@ class FixMatchTerm(_TeacherTerm):
         view = FlipRotate.for_batch(x, self.generator)
         strong_logits = view.invert(self._students[self.student](self.strong(view.apply(x))))
         mask = (confidence >= self.threshold).to(strong_logits.dtype)
-        ctx.cache[f"{self.name}_confident_fraction"] = mask.mean().detach()
+        self.report(ctx, confident_fraction=mask.mean())
         ce = F.cross_entropy(strong_logits, pseudo, reduction="none")
         return (ce * mask).sum() / mask.numel()
 
@@ -293,7 +293,7 @@ class CrossScaleTerm(_TeacherTerm):
         x = ctx.unlabeled["image"]
         others = [s for s in self.scales if s != 1.0]
         labels, stable = self.refined_labels(x)
-        ctx.cache[f"{self.name}_stable_fraction"] = stable.float().mean()
+        self.report(ctx, stable_fraction=stable.float().mean())
         loss = x.new_zeros(())
         for k, net in enumerate(self._students):
             logits = ctx.logits_u[k]

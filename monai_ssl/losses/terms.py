@@ -33,7 +33,8 @@ class StepContext:
 
     ``logits_l[k]`` / ``logits_u[k]`` are student ``k``'s logits on the labelled / unlabelled slices;
     ``features_l[k]`` / ``features_u[k]`` its decoder features (coarsest first) when a term asked for them.
-    ``cache`` lets terms share derived tensors (e.g. pseudo-labels) within the iteration.
+    ``cache`` lets terms share derived tensors (e.g. pseudo-labels) within the iteration; ``scalars`` collects the
+    terms' diagnostics (:meth:`LossTerm.report`), which the trainer logs.
     """
 
     iteration: int
@@ -45,6 +46,7 @@ class StepContext:
     features_l: list[list[torch.Tensor]] | None = None
     features_u: list[list[torch.Tensor]] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_students(self) -> int:
@@ -73,11 +75,18 @@ class LossTerm(nn.Module):
 
     def __init__(self, name: str, weight: float | WeightSchedule = 1.0):
         super().__init__()
+        self.last_stats: dict[str, float] = {}
         self.name = name
         self.weight = as_schedule(weight)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def report(self, ctx: StepContext, **stats: Any) -> None:
+        """This iteration's diagnostics (fractions, counts, phases): ``ctx.scalars["<name>/<stat>"]``, which the
+        trainer logs to the console and TensorBoard at the iteration; also kept in ``last_stats``."""
+        self.last_stats = {k: float(v) for k, v in stats.items()}
+        ctx.scalars.update({f"{self.name}/{k}": v for k, v in self.last_stats.items()})
 
     def step_completed(self, iteration: int) -> None:
         """Called once per iteration after the optimisers stepped (e.g. to update an EMA teacher)."""
