@@ -420,7 +420,6 @@ def train_and_evaluate(
     on the test group; ``val_dice_mean`` is the same evaluation on the validation group (what recipes are chosen
     by) and ``members`` the chosen weights.
     """
-    from ignite.handlers import ProgressBar
 
     output_dir = output_root / method
     shutil.rmtree(output_dir, ignore_errors=True)  # fresh run: no old checkpoint can be evaluated by mistake
@@ -439,19 +438,19 @@ def train_and_evaluate(
         "patch_size": list(settings.patch_size),
         "batch_size": settings.batch_size,
         "resume": False,
+        "progress": progress,
     }
     wf = _workflow(method, ["train.json"], "training", configs, train_overrides)
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")  # builds (and caches) the datasets now
     timer = StepTimer().attach(trainer)
-    if progress:
-        ProgressBar(desc=f"{method}", persist=True).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
     train_log = logging.getLogger("monai_ssl.train")
     level = train_log.level
     train_log.setLevel(logging.WARNING)  # the progress bar replaces the per-iteration log lines
     start = time.perf_counter()
     try:
         wf.run()
+        wf.finalize()
     finally:
         train_log.setLevel(level)
     train_s = time.perf_counter() - start

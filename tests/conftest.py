@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -27,3 +28,26 @@ def write_nifti(path, array, affine=None, dtype=None) -> str:
 def nifti_writer():
     """The :func:`write_nifti` helper as a fixture."""
     return write_nifti
+
+
+@pytest.fixture(scope="session")
+def tiny_registered(tmp_path_factory):
+    """A tiny dataset and a real (affine) registration output for it, for the registration-guided methods."""
+    import subprocess
+    import sys
+
+    from tests.test_trainer import tiny_dataset
+
+    root = tmp_path_factory.mktemp("tiny_registered")
+    datalist = tiny_dataset(root / "data")
+    for cmd in ("precompute", "select"):
+        extra = ["--workers", "1", "--no-eval", "--no-progress"] if cmd == "precompute" else ["--no-progress"]
+        res = subprocess.run(
+            [sys.executable, "-m", "registration", cmd, "--datalist", str(datalist), "--out", str(root / "reg")]
+            + ["--kind", "affine", *extra],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+    return root

@@ -62,27 +62,6 @@ def test_metadata_verifies_offline_against_repo_schema():
         jsonschema.validate(meta, schema)
 
 
-@pytest.fixture(scope="module")
-def tiny_registered(tmp_path_factory):
-    """A tiny dataset and a real (affine) registration output for it, for the registration-guided methods."""
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("tiny_registered")
-    datalist = tiny_dataset(root / "data")
-    for cmd in ("precompute", "select"):
-        extra = ["--workers", "1", "--no-eval", "--no-progress"] if cmd == "precompute" else ["--no-progress"]
-        res = subprocess.run(
-            [sys.executable, "-m", "registration", cmd, "--datalist", str(datalist), "--out", str(root / "reg")]
-            + ["--kind", "affine", *extra],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
-        assert res.returncode == 0, res.stderr[-3000:]
-    return root
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_check_properties_train_and_inference(method, tiny_registered):
     overrides = dict(

@@ -22,7 +22,9 @@ __all__ = [
     "BestMetricState",
     "ProgressBar",
     "ValidationScalars",
+    "close_summary_writers",
     "latest_checkpoint",
+    "summary_writer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -281,24 +283,51 @@ class ProgressBar:
         raise e
 
 
+class _NoWriter:
+    """Stands in for a ``SummaryWriter`` on processes other than rank 0: logs nothing, writes no file."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+_WRITERS: dict[str, Any] = {}
+
+
+def summary_writer(log_dir: str | os.PathLike) -> Any:
+    """One TensorBoard ``SummaryWriter`` per folder, shared by all of a run's handlers (one events file); on
+    processes other than rank 0 of a distributed run a writer that writes nothing (no empty files in rank 0's
+    folder). :func:`close_summary_writers` flushes and closes them (the bundles' ``finalize``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
+        return _NoWriter()
+    key = str(Path(log_dir).resolve())
+    if key not in _WRITERS:
+        from torch.utils.tensorboard import SummaryWriter
+
+        _WRITERS[key] = SummaryWriter(log_dir=key, flush_secs=10)
+    return _WRITERS[key]
+
+
+def close_summary_writers() -> None:
+    """Flush and close every writer :func:`summary_writer` opened (the bundles' ``finalize`` step)."""
+    while _WRITERS:
+        _WRITERS.popitem()[1].close()
+
+
 class ValidationScalars:
     """Per-class validation Dice and the validation's wall seconds, to TensorBoard at the training iteration
     (the evaluator's epoch, see :class:`FinalValidationHandler`) and to the log: ``val_dice/<class>``,
     ``val_seconds``. ``metric`` is a per-class metric of the evaluator (MONAI ``MeanDice(reduction="mean_batch")``).
     """
 
-    def __init__(self, log_dir: str | os.PathLike, class_names: list[str], metric: str = "val_class_dice"):
-        self.log_dir, self.class_names, self.metric = str(log_dir), list(class_names), metric
-        self.writer = None
+    def __init__(self, summary_writer: Any, class_names: list[str], metric: str = "val_class_dice"):
+        self.writer, self.class_names, self.metric = summary_writer, list(class_names), metric
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        if self.writer is None:
-            self.writer = SummaryWriter(log_dir=self.log_dir)
         step = engine.state.epoch
         values = engine.state.metrics.get(self.metric)
         seconds = float(engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0)
@@ -315,37 +344,68 @@ class ValidationScalars:
 
 
 class GradientAllReduce:
-    """Average the students' gradients over all processes after each backward pass (multi-GPU training).
+    """Keep every trainable module identical across processes (multi-GPU training): the students and the loss
+    terms' own modules (projectors, InfoNCE heads, denoisers).
 
-    The trainer calls ``forward_features`` as well as ``forward``, which ``DistributedDataParallel`` does not
-    see, so gradients are synchronised explicitly here, at ``BACKWARD_COMPLETED`` and before the optimiser
-    steps. Every process holds identical weights as long as they start identical (rank 0's initial weights
-    are broadcast at ``STARTED``).
+    The trainer calls ``forward_features`` as well as ``forward``, which ``DistributedDataParallel`` does not see,
+    so gradients are synchronised here, at ``BACKWARD_COMPLETED`` and before the optimiser steps, in one bucketed
+    all-reduce over all parameters that require gradients (a missing gradient counts as zero, so every process
+    joins the same collective). Parameters shared by reference (a term holding the students) are reduced once.
+    Rank 0's parameters and buffers are broadcast at ``STARTED``, and the students' buffers (batch-norm
+    statistics) after every step, as ``DistributedDataParallel`` does; loss terms' buffers (memory banks) stay
+    per process.
     """
 
-    def __init__(self, modules: Any):
-        self.modules = list(modules)
+    def __init__(self, modules: Any, students: Any = ()):
+        self.modules, self.students = list(modules), list(students)
 
     def attach(self, engine: Engine) -> None:
         from monai.engines.utils import IterationEvents
 
         engine.add_event_handler(Events.STARTED, self.broadcast)
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.all_reduce)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.broadcast_buffers)
 
-    def _params(self):
-        return [p for m in self.modules for p in m.parameters()]
+    @staticmethod
+    def _unique(tensors) -> list[torch.Tensor]:
+        seen, out = set(), []
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+        return out
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self._unique(p for m in self.modules for p in m.parameters() if p.requires_grad)
 
     def broadcast(self, engine: Engine) -> None:
         import torch.distributed as dist
 
-        for p in self._params():
-            dist.broadcast(p.data, src=0)
+        for t in self._unique([*(p for m in self.modules for p in m.parameters()), *self._buffers(self.modules)]):
+            dist.broadcast(t.data, src=0)
+
+    @staticmethod
+    def _buffers(modules) -> list[torch.Tensor]:
+        return [b for m in modules for b in m.buffers() if b.is_floating_point() or b.dtype == torch.long]
+
+    def broadcast_buffers(self, engine: Engine) -> None:
+        import torch.distributed as dist
+
+        for b in self._unique(self._buffers(self.students)):
+            dist.broadcast(b.data, src=0)
 
     def all_reduce(self, engine: Engine) -> None:
         import torch.distributed as dist
 
-        world = dist.get_world_size()
-        for p in self._params():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
+        params = self.parameters()
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n

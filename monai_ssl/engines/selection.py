@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.metrics import DiceMetric
+from monai.metrics.utils import do_metric_reduction
 from monai.networks import one_hot
 from monai.utils.enums import CommonKeys as Keys
 
@@ -75,7 +77,8 @@ class StudentSelection:
             for weights, metric in zip(self.candidates, metrics, strict=True):
                 mixed = sum(w * o for w, o in zip(weights, logits, strict=True) if w > 0)
                 metric(one_hot(mixed.argmax(1, keepdim=True), self.num_classes), target)
-        return [float(m.aggregate().nanmean()) for m in metrics]
+        # multi-process validation (DistributedSampler): every process scored its share; gather all cases
+        return [float(do_metric_reduction(idist.all_gather(m.get_buffer()), "mean")[0]) for m in metrics]
 
     def __call__(self, engine: Engine) -> None:
         scores = self.scores(engine)
