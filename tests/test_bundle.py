@@ -265,3 +265,38 @@ def _chain(err):
     while err is not None:
         yield err
         err = err.__cause__ or err.__context__
+
+
+def test_two_and_a_half_d_trains_evaluates_infers_and_exports(tmp_path):
+    """context=3: 3-channel students validate, evaluate and infer on stacked neighbouring slices; export too."""
+    data = tmp_path / "data"
+    tiny_dataset(data)
+    out = tmp_path / "runs"
+    common = dict(TINY, dataset_dir=str(data), output_root=str(out), context=3)
+    run("training", config_file=configs("train.json", "methods/unet_ls.json"), max_iterations=3, val_interval=2,
+        **common)  # fmt: skip
+    models = out / "unet_ls" / "models"
+    state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    first = next(v for k, v in state.items() if k.endswith("conv.weight"))
+    assert first.shape[1] == 3  # the student reads 3 slices
+    run("evaluating", config_file=configs("train.json", "evaluate.json", "methods/unet_ls.json"),
+        eval_groups=["validation"], **common)  # fmt: skip
+    summary = pd.read_csv(out / "unet_ls" / "eval" / "metrics_summary.csv")
+    assert summary["dice_mean"].notna().all()
+    infer_keys = {k: v for k, v in common.items() if k != "batch_size"}
+    run("run", config_file=configs("inference.json", "methods/unet_ls.json"), input_dir=str(data / "val.nii.gz"),
+        output_dir=str(tmp_path / "pred"), **infer_keys)  # fmt: skip
+    seg = nib.load(tmp_path / "pred" / "val_seg.nii.gz")
+    assert seg.shape == nib.load(data / "val.nii.gz").shape
+    ts = tmp_path / "model.ts"
+    ckpt_export(
+        "network_def",
+        filepath=str(ts),
+        ckpt_file=str(models / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=configs("inference.json", "methods/unet_ls.json"),
+        use_trace=True,
+        input_shape=[1, 3, 16, 16],
+        **{k: v for k, v in infer_keys.items() if k not in ("dataset_dir", "output_root", "pixdim")},
+    )
+    assert torch.jit.load(str(ts))(torch.rand(2, 3, 16, 16)).shape == (2, 3, 16, 16)

@@ -140,3 +140,20 @@ def test_resampling_preserves_world_geometry_against_nibabel(tmp_path):
     assert np.isclose(val[i, j, k], world[0], atol=1e-2)
     src_voxel = np.linalg.solve(nib_img.affine, world)
     assert np.allclose(src_voxel, np.round(src_voxel), atol=1e-4)  # lands on an original voxel centre
+
+
+def test_stack_context_gives_every_slice_the_channels_extract_slice_gives_it():
+    """Inference stacks the volume once; slice z of the result equals training's 2.5D slice z (clamped ends)."""
+    from monai.data import MetaTensor
+
+    from monai_ssl.data.slices import stack_context
+
+    rng = np.random.default_rng(0)
+    image = torch.as_tensor(rng.normal(size=(2, 5, 4, 6)), dtype=torch.float32)  # 2 channels, 6 slices
+    volume = {"image": MetaTensor(image, affine=torch.eye(4))}
+    stacked = stack_context(image[None], 3)[0]
+    assert stacked.shape == (6, 5, 4, 6)
+    for z in range(6):
+        expected = extract_slice(volume, z, context=3)["image"]
+        assert torch.equal(stacked[..., z], expected.as_tensor()), z
+    assert torch.equal(stack_context(image[None], 1), image[None])

@@ -77,6 +77,27 @@ def slice_base_affine(volume_affine: Any, index: int) -> np.ndarray:
     return np.asarray(volume_affine, dtype=np.float64) @ shift
 
 
+def context_indices(index: int, depth: int, context: int) -> np.ndarray:
+    """The ``context`` (odd) slice indices centred on ``index``, clamped at the volume's ends: the 2.5D rule that
+    training (:func:`extract_slice`) and inference (:func:`stack_context`) share."""
+    if context < 1 or context % 2 == 0:
+        raise ValueError(f"context must be a positive odd number of slices, got {context}")
+    r = context // 2
+    return np.clip(np.arange(index - r, index + r + 1), 0, depth - 1)
+
+
+def stack_context(volume: torch.Tensor, context: int) -> torch.Tensor:
+    """``(B, C, H, W, D)`` -> ``(B, C * context, H, W, D)``: slice ``z`` of the result holds the ``context``
+    neighbouring slices of every channel, in :func:`extract_slice`'s channel order, so a slice-wise inferer
+    feeds a 2.5D network exactly what it was trained on."""
+    if context == 1:
+        return volume
+    depth = volume.shape[-1]
+    idx = torch.as_tensor(np.stack([context_indices(z, depth, context) for z in range(depth)], 1))  # (k, D)
+    shifted = torch.stack([volume.index_select(-1, row.to(volume.device)) for row in idx], 2)  # (B, C, k, H, W, D)
+    return shifted.reshape(volume.shape[0], -1, *volume.shape[2:])
+
+
 def extract_slice(
     volume: Mapping[str, Any], index: int, context: int = 1, label_keys: Sequence[str] = LABEL_KEYS
 ) -> dict[str, Any]:
@@ -86,14 +107,11 @@ def extract_slice(
     labels and probability maps (:data:`PROBABILITY_KEYS`) get an identity affine, so later MONAI spatial transforms record exactly the in-plane mapping;
     the slice's 3D placement goes to ``slice_base_affine``.
     """
-    if context < 1 or context % 2 == 0:
-        raise ValueError(f"context must be a positive odd number of slices, got {context}")
     image = volume[IMAGE_KEY]
     depth = image.shape[-1]
     if not 0 <= index < depth:
         raise IndexError(f"slice {index} outside a volume of {depth} slices ({volume.get('case_id')})")
-    r = context // 2
-    idx = torch.as_tensor(np.clip(np.arange(index - r, index + r + 1), 0, depth - 1))
+    idx = torch.as_tensor(context_indices(index, depth, context))
     raw = convert_to_tensor(image, track_meta=False).index_select(-1, idx)  # (C, H, W, k)
     img2d = raw.movedim(-1, 1).reshape(-1, *raw.shape[1:3]).clone()
     out: dict[str, Any] = {
