@@ -1,5 +1,8 @@
 """The MONAI bundle: metadata, properties, train -> evaluate -> infer -> export on tiny data, bad inputs."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -300,3 +303,42 @@ def test_two_and_a_half_d_trains_evaluates_infers_and_exports(tmp_path):
         **{k: v for k, v in infer_keys.items() if k not in ("dataset_dir", "output_root", "pixdim")},
     )
     assert torch.jit.load(str(ts))(torch.rand(2, 3, 16, 16)).shape == (2, 3, 16, 16)
+
+
+def _bundle_cli(*args: str, **overrides) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", *args]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_bundle_errors_end_with_the_file_and_the_problem(tmp_path):
+    """Bad data, a corrupt checkpoint and a checkpoint of another network each end the output with one line
+    that names the file and the problem (the traceback stays above it, for the log)."""
+    data = tmp_path / "data"
+    tiny_dataset(data)
+    bad = tmp_path / "bad"
+    raw = (data / "val.nii.gz").read_bytes()
+    (bad / "in").mkdir(parents=True)
+    (bad / "in" / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+    infer = dict(TINY, output_dir=str(tmp_path / "o"), output_root=str(tmp_path / "runs"), progress=False)
+    files = json.dumps(configs("inference.json", "methods/cts.json"))
+    res = _bundle_cli("run", "--config_file", files, input_dir=str(bad / "in"), **infer)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode != 0 and last.startswith("error: ") and "cut.nii.gz" in last and "corrupt" in last, last
+
+    models = tmp_path / "runs" / "cts" / "models"
+    models.mkdir(parents=True)
+    (models / "model.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    res = _bundle_cli("run", "--config_file", files, input_dir=str(data / "val.nii.gz"), **infer)
+    last = res.stderr.strip().splitlines()[-1]
+    assert "model.pt: not a readable checkpoint, corrupt or truncated" in last and "weights_only" not in last, last
+    assert "weights_only=False" not in res.stderr.split("error: ")[-1]
+
+    unet = {f"networks.0.encoder.{i}.weight": torch.zeros(2) for i in range(2)}
+    torch.save(unet, models / "model.pt")
+    res = _bundle_cli("run", "--config_file", files, input_dir=str(data / "val.nii.gz"), **infer)
+    last = res.stderr.strip().splitlines()[-1]
+    assert "model.pt: this checkpoint belongs to another method or network" in last, last
+    assert "student 0: encoder" in last and "student 1:" in last  # what it holds and what this run builds
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written

@@ -113,3 +113,16 @@ def test_unlabeled_label_is_never_read(tmp_path):
     # the same file, in a group that is allowed to read labels, fails loudly
     with pytest.raises(InputError, match="junk_label"):
         VolumeDataset([dict(loaded["unlabeled"][0])], tfm)
+
+
+def test_an_empty_datalist_is_an_error_and_4d_is_named(tmp_path):
+    import nibabel as nib
+
+    path = tmp_path / "dl.json"
+    path.write_text('{"name": "empty", "labels": {"0": "bg", "1": "a"}, "labeled": [], "unlabeled": []}')
+    (problem,) = validate_datalist(path, progress=False)
+    assert "dl.json: no cases" in problem
+    img = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), str(img))
+    (problem,) = check_case({"image": str(img)})
+    assert "series.nii.gz: expected a 3D volume" in problem and "4D series" in problem

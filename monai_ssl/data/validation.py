@@ -20,6 +20,7 @@ from monai_ssl.data.datalist import GROUPS, DatalistError, load_datalist, num_cl
 
 __all__ = [
     "InputError",
+    "install_error_hook",
     "check_image_array",
     "check_label_array",
     "check_geometry",
@@ -44,6 +45,29 @@ class InputError(ValueError):
     def __init__(self, problems: str | Sequence[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def install_error_hook() -> None:
+    """Make an :class:`InputError` anywhere in an uncaught exception's chain end the output: the full traceback
+    first (for the log), then one ``error: <file>: <problem>`` line per problem, so the last line a bundle user
+    sees names the file and the problem instead of MONAI's ``Failed to evaluate ConfigExpression``."""
+    import sys
+    import traceback
+
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        err = value
+        while err is not None and not isinstance(err, InputError):
+            err = err.__cause__ or err.__context__
+        if err is None:
+            return previous(kind, value, tb)
+        traceback.print_exception(kind, value, tb, file=sys.stderr)
+        print("", file=sys.stderr)
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+
+    sys.excepthook = hook
 
 
 def check_image_array(array: Any, name: str, spatial_dims: int = 3) -> list[str]:
@@ -198,6 +222,8 @@ def validate_datalist(
     else:
         problems = []
     cases = [c for g in groups for c in dl.get(g, [])]
+    if not cases:
+        problems.append(f"{dl.get('datalist_path', 'datalist')}: no cases in group(s) {', '.join(groups)}")
     ignore_index = dl.get("ignore_index")  # a scribbled datalist: only its labelled cases may use it
     for case in tqdm(cases, desc="validating", unit="case", disable=not progress):
         ignore = ignore_index if case.get("group") == "labeled" else None

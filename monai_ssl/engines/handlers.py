@@ -20,6 +20,7 @@ __all__ = [
     "GradientAllReduce",
     "FinalValidationHandler",
     "BestMetricState",
+    "ModelLoader",
     "ProgressBar",
     "ValidationScalars",
     "close_summary_writers",
@@ -153,6 +154,64 @@ class _RunLength:
 
     def load_state_dict(self, state: dict[str, int]) -> None:  # checked before loading, see _check_length
         pass
+
+
+def _modules_of(keys) -> str:
+    """``networks.0.encoder...`` keys -> ``student 0: encoder, decoder; student 1: patch_embed, layers``."""
+    parts: dict[str, list[str]] = {}
+    for key in keys:
+        bits = key.split(".")
+        if bits[0] == "networks" and len(bits) > 2:
+            names = parts.setdefault(f"student {bits[1]}", [])
+            if bits[2] not in names:
+                names.append(bits[2])
+    return "; ".join(f"{who}: {', '.join(names[:4])}" for who, names in parts.items()) or "no students"
+
+
+class ModelLoader:
+    """Load ``model`` weights from ``load_path`` when the engine starts (evaluation, inference), with errors that
+    name the file and say what is wrong: missing, corrupt or truncated, or written by another method or network
+    (which modules each student has there and here). Never suggests ``weights_only=False``: checkpoints hold
+    tensors only."""
+
+    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module, map_location: Any = "cpu"):
+        self.load_path, self.network, self.map_location = Path(load_path), network, map_location
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _e: self.load())
+
+    def load(self) -> None:
+        from monai_ssl.data.validation import InputError
+
+        path = self.load_path
+        if not path.is_file():
+            raise InputError(f"{path}: checkpoint not found (train first, or pass the model's folder: --output_root)")
+        try:
+            state = torch.load(path, map_location=self.map_location, weights_only=True)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for broken files
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "weights_only" in reason or "Unpickl" in type(e).__name__:
+                reason = "it holds more than tensors (not a monai-ssl checkpoint)"
+            raise InputError(f"{path}: not a readable checkpoint, corrupt or truncated ({reason})") from None
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]  # a resumable checkpoint
+        if not isinstance(state, dict):
+            raise InputError(f"{path}: not a model checkpoint (holds a {type(state).__name__})")
+        expected = self.network.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or wrong:
+            detail = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of other shapes"
+            if wrong and not (missing or unexpected):
+                k = wrong[0]
+                detail += f" (e.g. {k}: {tuple(state[k].shape)} there, {tuple(expected[k].shape)} here)"
+            raise InputError(
+                f"{path}: this checkpoint belongs to another method or network ({detail}); it holds "
+                f"[{_modules_of(state)}], this configuration builds [{_modules_of(expected)}]. Use the method file "
+                "(and num_classes, context) it was trained with."
+            )
+        self.network.load_state_dict(state)
 
 
 class _ScalerState:

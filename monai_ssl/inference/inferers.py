@@ -39,7 +39,8 @@ class VolumeInferer(Inferer):
         elif spatial_dims == 3:
             if context != 1:
                 raise ValueError("context slices are a 2D option; use context=1 with spatial_dims=3")
-            self.inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=max(1, sw_batch_size // 8), overlap=overlap)
+            batch = max(1, sw_batch_size // 8)  # 3D windows are larger
+            self.inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=batch, overlap=overlap)
         else:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.context = int(context)

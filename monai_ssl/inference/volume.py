@@ -84,7 +84,7 @@ def inference_cases(
         if with_labels and not case.get("label"):
             problems.append(f"{case['image']}: no label to evaluate against")
         checked = {k: case[k] for k in ("image", "label") if (k == "image" or with_labels) and case.get(k)}
-        problems += check_case(checked, load_data=False)
+        problems += check_case(checked)  # data read in full: a truncated or NaN volume fails here, by name
     if problems:
         raise InputError(problems)
     out = []
