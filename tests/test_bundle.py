@@ -342,3 +342,35 @@ def test_bundle_errors_end_with_the_file_and_the_problem(tmp_path):
     assert "model.pt: this checkpoint belongs to another method or network" in last, last
     assert "student 0: encoder" in last and "student 1:" in last  # what it holds and what this run builds
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing written
+
+
+def test_the_model_carries_its_preprocessing_to_inference(tmp_path):
+    """A CT model and an MR model, each trained with its own spacing, patch size and classes, infer from only the
+    model, the inputs and an output folder; an override that contradicts the model is refused, naming both."""
+    arch = {k: v for k, v in TINY.items() if k.startswith("student_")}  # the network, not the preprocessing
+    for modality in ("CT", "MR"):
+        data = tmp_path / modality / "data"
+        datalist = tiny_dataset(data)
+        dl = json.loads(Path(datalist).read_text())
+        dl["modality"] = modality
+        Path(datalist).write_text(json.dumps(dl))
+        out = tmp_path / modality / "runs"
+        train = dict(arch, dataset_dir=str(data), output_root=str(out), pixdim=[1.5, 1.5, -1], patch_size=[16, 16],
+                     batch_size=4)  # fmt: skip
+        files = configs("train.json", "methods/cts.json")
+        run("training", config_file=files, max_iterations=2, val_interval=2, **train)
+        record = json.loads((out / "cts" / "models" / "model.json").read_text())
+        assert record["modality"] == modality and record["num_classes"] == 3 and record["patch_size"] == [16, 16]
+        assert record["class_names"] == ["background", "blob", "ring"] and record["pixdim"] == [1.5, 1.5, -1]
+        infer = dict(arch, output_root=str(out), input_dir=str(data / "val.nii.gz"), progress=False)
+        run("run", config_file=configs("inference.json", "methods/cts.json"), output_dir=str(tmp_path / modality / "p"),
+            **infer)  # fmt: skip
+        seg, ref = nib.load(tmp_path / modality / "p" / "val_seg.nii.gz"), nib.load(data / "val.nii.gz")
+        assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
+        other = "MR" if modality == "CT" else "CT"
+        with pytest.raises(Exception) as e:
+            run("run", config_file=configs("inference.json", "methods/cts.json"), modality=other,
+                output_dir=str(tmp_path / modality / "q"), **infer)  # fmt: skip
+        message = "\n".join(str(c) for c in _chain(e.value))
+        assert f'trained with modality="{modality}", this run asks for modality="{other}"' in message
+        assert "model.json" in message and not (tmp_path / modality / "q").exists()
