@@ -24,19 +24,21 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import map_coordinates
 
+from monai_ssl.data.geometry import slice_axis
 from monai_ssl.fileio import atomic_path
-from registration.geometry import array_xyz, flip_xy, grid_affine_ras
+from registration.geometry import array_xyz, flip_xy, grid_affine_ras, image_affine_ras
 
 __all__ = ["coarse_grid", "write_field", "load_field", "DisplacementField"]
 
 
 def coarse_grid(reference: sitk.Image, factor: int = 4) -> tuple[list[int], tuple, list[float], tuple]:
-    """(size, origin, spacing, direction) of ``reference``'s grid with the two finest axes ``factor`` x coarser."""
+    """(size, origin, spacing, direction) of ``reference``'s grid with the two in-plane axes ``factor`` x coarser
+    (the slice axis, :func:`monai_ssl.data.geometry.slice_axis`, is kept)."""
     spacing = np.array(reference.GetSpacing(), float)
-    slice_axis = int(len(spacing) - 1 - np.argmax(spacing[::-1]))  # coarsest axis, ties -> last
+    axis = slice_axis(image_affine_ras(reference))  # the project's one rule (monai_ssl.data.geometry)
     size, new_spacing = [], []
     for d, n in enumerate(reference.GetSize()):
-        f = 1 if d == slice_axis else int(factor)
+        f = 1 if d == axis else int(factor)
         size.append(int(np.ceil((n - 1) / f)) + 1)
         new_spacing.append(float(spacing[d] * f))
     return size, reference.GetOrigin(), new_spacing, reference.GetDirection()

@@ -12,7 +12,7 @@
 3. **Classes kept.** A class present in the clean map but gone from the noisy one gets its clean voxels back.
 
 Every changed voxel therefore lies within ``max_radius + 1`` in-plane voxels of a clean boundary. The slice axis
-is the one with the largest voxel spacing (the last one on ties), as the training pipeline assumes.
+is the project's one rule (:func:`monai_ssl.data.geometry.slice_axis`: the low-resolution axis, else axial).
 :func:`write_noisy_datalist` writes noisy copies of a datalist's *labelled* cases (validation and test keep their
 clean labels, so test Dice is measured against clean labels) and a datalist pointing at them.
 """
@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from monai_ssl.data.geometry import slice_axis
 from monai_ssl.data.datalist import load_datalist, write_datalist
 from monai_ssl.fileio import atomic_path
 
@@ -137,10 +138,8 @@ def write_noisy_datalist(
     labeled = []
     for case in dl.get("labeled", []):
         img = nib.load(case["label"])
-        zooms = img.header.get_zooms()[:3]
-        slice_axis = int(len(zooms) - 1 - np.argmax(np.asarray(zooms)[::-1]))  # largest spacing; last on ties
         data = np.asarray(img.dataobj)
-        noisy = noisy_label(data, seed, case["case_id"], slice_axis, **params)
+        noisy = noisy_label(data, seed, case["case_id"], slice_axis(img.affine), **params)
         path = out_dir / "labels" / f"{case['case_id']}_noisy_s{seed}.nii.gz"
         with atomic_path(path) as tmp:
             nib.save(nib.Nifti1Image(noisy, img.affine, img.header), tmp)

@@ -147,9 +147,12 @@ def training_datasets(
     if len(patch_size) != spatial_dims:
         raise ValueError(f"patch_size {tuple(patch_size)} does not have spatial_dims={spatial_dims} entries")
     modality, n_classes = dl.get("modality", "MR"), num_classes(dl)
-    vol_tf = volume_transforms(modality=modality, pixdim=pixdim, num_classes=n_classes)
+    slices = spatial_dims == 2  # 2D students: the low-resolution axis must be S-I (monai_ssl.data.geometry)
+    vol_tf = volume_transforms(modality=modality, pixdim=pixdim, num_classes=n_classes, slices=slices)
     lab_tf = (
-        vol_tf if ignore_index is None else volume_transforms(modality, pixdim, n_classes, ignore_index=ignore_index)
+        vol_tf
+        if ignore_index is None
+        else volume_transforms(modality, pixdim, n_classes, ignore_index=ignore_index, slices=slices)
     )
     labeled_cases = group_cases(dl, "labeled")
     unlabeled_cases = attach_registered_labels(group_cases(dl, "unlabeled"), registered_labels)
@@ -181,8 +184,10 @@ def evaluation_dataset(
     group: str = "validation",
     pixdim: Sequence[float] = (1.75, 1.75, -1.0),
     cache_num_workers: int = 0,
+    spatial_dims: int = 2,
 ) -> VolumeDataset:
     """Preprocessed whole volumes (image and label) of an evaluation group, for validation during training."""
     dl = _datalist(datalist)
-    vol_tf = volume_transforms(modality=dl.get("modality", "MR"), pixdim=pixdim, num_classes=num_classes(dl))
+    modality, n_classes = dl.get("modality", "MR"), num_classes(dl)
+    vol_tf = volume_transforms(modality=modality, pixdim=pixdim, num_classes=n_classes, slices=spatial_dims == 2)
     return VolumeDataset(group_cases(dl, group), vol_tf, num_workers=cache_num_workers, progress=False)

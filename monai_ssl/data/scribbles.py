@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
+from monai_ssl.data.geometry import slice_axis
 from monai_ssl.data.datalist import GROUPS, load_datalist, write_datalist
 from monai_ssl.fileio import atomic_path
 
@@ -39,7 +40,6 @@ __all__ = [
     "IGNORE_INDEX",
     "scribble_slice",
     "scribble_volume",
-    "slice_axis_of",
     "write_scribbles",
     "scribble_datalist",
 ]
@@ -103,12 +103,6 @@ def scribble_volume(
     return np.moveaxis(out, 0, slice_axis)
 
 
-def slice_axis_of(affine: np.ndarray) -> int:
-    """The stored array axis that becomes the slice axis (RAS's S, the last) after the pipeline reorients."""
-    axes = nib.orientations.io_orientation(np.asarray(affine, dtype=float))[:, 0]
-    return int(np.flatnonzero(axes == 2)[0]) if (axes == 2).any() else 2
-
-
 def case_seed(seed: int, case_id: str) -> list[int]:
     """Entropy of a case's generator: independent of the other cases of the datalist."""
     return [int(seed), zlib.crc32(str(case_id).encode())]
@@ -123,7 +117,7 @@ def write_scribbles(
     data = np.asarray(img.dataobj)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    scribbles = scribble_volume(data, np.random.default_rng(seed), slice_axis=slice_axis_of(img.affine), **kwargs)
+    scribbles = scribble_volume(data, np.random.default_rng(seed), slice_axis=slice_axis(img.affine), **kwargs)
     header = img.header.copy()
     header.set_data_dtype(scribbles.dtype)
     out = nib.Nifti1Image(scribbles, img.affine, header)

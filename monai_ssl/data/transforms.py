@@ -35,6 +35,7 @@ from monai.transforms import (
 )
 from monai.transforms.utils import correct_crop_centers
 
+from monai_ssl.data.geometry import check_slice_axis
 from monai_ssl.data.validation import (
     LABEL_KEYS,
     PROBABILITY_KEYS,
@@ -97,8 +98,10 @@ class CheckVolumed(MapTransform):
         spatial_dims: int = 3,
         ignore_index: int | None = None,
         probability_keys: KeysCollection = PROBABILITY_KEYS,
+        slices: bool = False,
     ):
         super().__init__([image_key, *label_keys, *probability_keys], allow_missing_keys=True)
+        self.slices = slices
         self.image_key, self.label_keys = image_key, tuple(label_keys)
         self.probability_keys = tuple(probability_keys)
         self.num_classes, self.spatial_dims, self.ignore_index = num_classes, spatial_dims, ignore_index
@@ -108,6 +111,8 @@ class CheckVolumed(MapTransform):
         image = d[self.image_key]
         name = _filename(image)
         problems = check_image_array(image, name, self.spatial_dims)
+        if self.slices:  # 2D training and inference cut axial slices: the thick axis must be S-I
+            problems += check_slice_axis(np.asarray(image.affine), name)
         for key in self.label_keys:
             if key not in d:
                 continue
@@ -137,6 +142,7 @@ def volume_transforms(
     reader: str | None = None,
     ignore_index: int | None = None,
     probability_keys: KeysCollection = PROBABILITY_KEYS,
+    slices: bool = True,
 ) -> Compose:
     """Deterministic per-volume preprocessing, meant to be cached by ``CacheDataset``.
 
@@ -144,7 +150,8 @@ def volume_transforms(
     ``"CT"`` maps the HU window ``ct_window`` to [0, 1]; ``"MR"`` maps the per-volume percentiles to [0, 1].
     Labels use nearest-neighbour resampling and are stored as uint8; ``ignore_index`` (e.g. 255, unannotated
     pixels of scribbles) passes the label check and survives both. Probability maps (4D, one channel per class)
-    are resampled linearly and kept as float32.
+    are resampled linearly and kept as float32. ``slices`` (2D models) refuses volumes whose low-resolution axis
+    is not S-I (:func:`~monai_ssl.data.geometry.check_slice_axis`).
     """
     label_keys, probability_keys = tuple(label_keys), tuple(probability_keys)
     keys = (IMAGE_KEY, *label_keys, *probability_keys)
@@ -159,7 +166,10 @@ def volume_transforms(
         [
             LoadImaged(keys, reader=reader, image_only=True, allow_missing_keys=True),
             EnsureChannelFirstd(keys, allow_missing_keys=True),
-            CheckVolumed(IMAGE_KEY, label_keys, num_classes, ignore_index=ignore_index, probability_keys=probability_keys),
+            CheckVolumed(
+                IMAGE_KEY, label_keys, num_classes, ignore_index=ignore_index, probability_keys=probability_keys,
+                slices=slices,
+            ),  # fmt: skip
             Orientationd(keys, axcodes=axcodes, labels=RAS_LABELS, allow_missing_keys=True),
             Spacingd(
                 keys,
