@@ -18,6 +18,7 @@ from monai_ssl.data.datalist import group_cases, load_datalist, num_classes
 from monai_ssl.data.slices import ForegroundSampler, PatchDataset, SliceDataset, VolumeDataset
 from monai_ssl.data.transforms import (
     DEFAULT_FLIP_AXES,
+    DEFAULT_PIXDIM,
     IMAGE_KEY,
     PixelToWorldd,
     slice_augmentations,
@@ -108,7 +109,7 @@ def training_datasets(
     datalist: str | os.PathLike | Mapping[str, Any],
     patch_size: Sequence[int],
     spatial_dims: int = 2,
-    pixdim: Sequence[float] = (1.75, 1.75, -1.0),
+    pixdim: Sequence[float] = DEFAULT_PIXDIM,
     context: int = 1,
     registered_labels: Mapping[str, str] | None = None,
     registered_probabilities: Mapping[str, str] | None = None,
@@ -182,7 +183,7 @@ def training_datasets(
 def evaluation_dataset(
     datalist: str | os.PathLike | Mapping[str, Any],
     group: str = "validation",
-    pixdim: Sequence[float] = (1.75, 1.75, -1.0),
+    pixdim: Sequence[float] = DEFAULT_PIXDIM,
     cache_num_workers: int = 0,
     spatial_dims: int = 2,
 ) -> VolumeDataset:

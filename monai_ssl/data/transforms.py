@@ -58,6 +58,7 @@ __all__ = [
     "PIXEL_TO_WORLD_KEY",
     "CROP_CENTRE_KEY",
     "DEFAULT_FLIP_AXES",
+    "DEFAULT_PIXDIM",
 ]
 
 IMAGE_KEY = "image"
@@ -75,6 +76,8 @@ DEFAULT_FLIP_AXES: tuple[int, ...] = ()
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 #: the CT window used by the Synapse literature (abdomen soft tissue)
 DEFAULT_CT_WINDOW = (-125.0, 275.0)
+#: target spacing (mm): 1.75 mm in plane, the slice spacing kept (non-positive entries keep the original)
+DEFAULT_PIXDIM = (1.75, 1.75, -1.0)
 
 
 def _filename(data: Any) -> str:
@@ -133,7 +136,7 @@ class CheckVolumed(MapTransform):
 
 def volume_transforms(
     modality: str = "MR",
-    pixdim: Sequence[float] = (1.75, 1.75, -1.0),
+    pixdim: Sequence[float] = DEFAULT_PIXDIM,
     num_classes: int | None = None,
     axcodes: str = "RAS",
     ct_window: Sequence[float] = DEFAULT_CT_WINDOW,

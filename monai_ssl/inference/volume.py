@@ -15,13 +15,13 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import torch
 from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTransform
 
 from monai_ssl.data.datalist import GROUPS, load_datalist
-from monai_ssl.data.transforms import IMAGE_KEY, volume_transforms
+from monai_ssl.data.transforms import DEFAULT_PIXDIM, IMAGE_KEY, volume_transforms
 from monai_ssl.data.validation import InputError, check_case
 from monai_ssl.fileio import atomic_path
+from monai_ssl.metrics.uncertainty import entropy
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -96,9 +96,7 @@ def inference_cases(
     return out
 
 
-def inference_preprocessing(
-    modality: str = "MR", pixdim: Sequence[float] = (1.75, 1.75, -1.0), **kwargs: Any
-) -> Compose:
+def inference_preprocessing(modality: str = "MR", pixdim: Sequence[float] = DEFAULT_PIXDIM, **kwargs: Any) -> Compose:
     """The training volume pipeline for images only (invertible by ``Invertd``); ``kwargs`` go to
     :func:`~monai_ssl.data.transforms.volume_transforms` (``ct_window``, ``mr_percentiles``, ``reader``)."""
     return volume_transforms(modality=modality, pixdim=pixdim, label_keys=(), **kwargs)
@@ -118,8 +116,7 @@ class EntropyMapd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            p = d[key]
-            d[self.output_key] = -(p * torch.log(p.clamp_min(self.eps))).sum(0, keepdim=True)
+            d[self.output_key] = entropy(d[key], dim=0, eps=self.eps)
         return d
 
 

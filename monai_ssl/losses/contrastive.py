@@ -34,6 +34,7 @@ from monai_ssl.losses.memory import ClassFeatureQueues
 from monai_ssl.losses.reps import RegistrationPositives, feature_pixel_to_world, pixel_world
 from monai_ssl.losses.schedules import GaussianRampUp, LinearSchedule, WeightSchedule, as_schedule
 from monai_ssl.losses.terms import LossTerm, StepContext
+from monai_ssl.metrics.uncertainty import entropy
 from monai_ssl.networks.projector import ContrastProjector
 
 __all__ = [
@@ -270,8 +271,7 @@ def certain_pixels(probs: torch.Tensor, beta: float, threshold: float) -> torch.
     keep = top1 > threshold
     drop = math.floor(beta * top1.numel())
     if drop > 0:
-        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=1)
-        worst = torch.topk(entropy.flatten(), drop).indices
+        worst = torch.topk(entropy(probs, eps=1e-12).flatten(), drop).indices
         keep = keep.flatten().index_fill(0, worst, False).view_as(keep)
     return keep
 

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 
 from monai_ssl.losses.contrastive import channels_at, labels_at, probs_at, select_scale
 from monai_ssl.losses.schedules import WeightSchedule
-from monai_ssl.losses.teacher import entropy
 from monai_ssl.losses.terms import LossTerm, StepContext
+from monai_ssl.metrics.uncertainty import entropy
 
 __all__ = [
     "fuzzy_partition",

@@ -45,8 +45,9 @@ from monai_ssl.losses.contrastive import (
 )
 from monai_ssl.losses.memory import ClassFeatureQueues
 from monai_ssl.losses.schedules import WeightSchedule
-from monai_ssl.losses.teacher import check_student, entropy
+from monai_ssl.losses.teacher import check_student
 from monai_ssl.losses.terms import LossTerm, StepContext
+from monai_ssl.metrics.uncertainty import entropy
 from monai_ssl.networks.dual_decoder import auxiliary_logits
 from monai_ssl.networks.projector import ContrastProjector
 

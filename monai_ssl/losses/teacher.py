@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from monai_ssl.data.views import FlipRotate, strong_intensity
 from monai_ssl.losses.schedules import GaussianRampUp, WeightSchedule
 from monai_ssl.losses.terms import LossTerm, StepContext
+from monai_ssl.metrics.uncertainty import entropy
 
 __all__ = [
     "EMATeacher",
@@ -38,11 +39,6 @@ def check_student(name: str, students: Sequence[nn.Module], student: int) -> Non
     """Raise a ValueError naming loss term ``name`` unless ``student`` indexes ``students``."""
     if not 0 <= student < len(students):
         raise ValueError(f"loss term {name!r}: student {student} out of range for {len(students)} students")
-
-
-def entropy(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-pixel entropy (nats) of ``(B, C, ...)`` class probabilities, as ``(B, 1, ...)``."""
-    return -(probs * torch.log(probs + eps)).sum(dim=1, keepdim=True)
 
 
 class EMATeacher(nn.Module):
