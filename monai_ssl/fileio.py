@@ -58,6 +58,46 @@ def _umask() -> int:
     return mask
 
 
+def save_nifti(
+    array: Any,
+    path: str | os.PathLike,
+    affine: Any = None,
+    like: Any = None,
+    dtype: Any = None,
+    scale: float = 1.0,
+    descrip: str | None = None,
+) -> Path:
+    """Write an ``[i, j, k]`` (or ``[i, j, k, c]``) array as NIfTI, atomically: the project's one NIfTI writer.
+
+    With ``like`` (a path or nibabel image) its header and affine are reused, so nibabel and MONAI see exactly that
+    grid, and its shape must match; otherwise ``affine`` is written as qform and sform (code 1, mm units).
+    ``scale`` is the NIfTI slope readers apply (stored values times ``scale``, e.g. 1/255 for uint8 probabilities).
+    """
+    import nibabel as nib
+    import numpy as np
+
+    data = np.asarray(array, dtype=dtype or np.asarray(array).dtype)
+    if like is not None:
+        ref = like if hasattr(like, "header") else nib.load(os.fspath(like))
+        if tuple(data.shape[:3]) != tuple(ref.shape[:3]):
+            raise ValueError(f"{path}: array shape {data.shape} does not match the reference shape {ref.shape}")
+        header = ref.header.copy()
+        header.set_data_dtype(data.dtype)
+        img = nib.Nifti1Image(data, ref.affine, header)
+    else:
+        affine = np.asarray(affine, dtype=np.float64)
+        img = nib.Nifti1Image(data, affine)
+        img.header.set_xyzt_units("mm")
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    img.header.set_slope_inter(scale, 0.0)
+    if descrip is not None:
+        img.header["descrip"] = descrip.encode()[:79]
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return Path(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from scipy.ndimage import map_coordinates
 
 from monai_ssl.data.geometry import slice_axis
-from monai_ssl.fileio import atomic_path
+from monai_ssl.fileio import save_nifti
 from registration.geometry import array_xyz, flip_xy, grid_affine_ras, image_affine_ras
 
 __all__ = ["coarse_grid", "write_field", "load_field", "DisplacementField"]
@@ -49,11 +49,8 @@ def write_field(transform: sitk.Transform, reference: sitk.Image, path: str | os
     size, origin, spacing, direction = coarse_grid(reference, factor)
     disp = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size, origin, spacing, direction)
     data = flip_xy(array_xyz(disp)).astype(np.float32)  # displacement vectors LPS -> RAS
-    img = nib.Nifti1Image(data, grid_affine_ras(origin, spacing, direction))
-    img.header["descrip"] = b"RAS displacement mm: T(p)-p, registration"
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-    return Path(path)
+    affine = grid_affine_ras(origin, spacing, direction)
+    return save_nifti(data, path, affine=affine, descrip="RAS displacement mm: T(p)-p, registration")
 
 
 @dataclass

@@ -8,14 +8,10 @@ same in both worlds: ``(i, j, k)`` of a nibabel array is ``(i, j, k)`` of an ITK
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-
-from monai_ssl.fileio import atomic_path
 
 __all__ = [
     "LPS_RAS",
@@ -25,7 +21,6 @@ __all__ = [
     "matrix_offset_ras",
     "linear_transform_ras",
     "array_xyz",
-    "save_like",
 ]
 
 # diag(-1, -1, 1, 1): maps LPS homogeneous points to RAS and back (it is its own inverse)
@@ -93,25 +88,3 @@ def array_xyz(image: sitk.Image) -> np.ndarray:
     images), like nibabel's ``get_fdata()``."""
     arr = sitk.GetArrayFromImage(image)
     return np.ascontiguousarray(arr.transpose(2, 1, 0, *range(3, arr.ndim)))
-
-
-def save_like(
-    array: np.ndarray, reference: str | os.PathLike, path: str | os.PathLike, dtype=None, scale: float = 1.0
-) -> str:
-    """Write an ``[i, j, k]`` (or ``[i, j, k, c]``) array as NIfTI with the header and affine of the ``reference``
-    file, atomically; ``scale`` is the NIfTI slope readers apply (stored values times ``scale``).
-
-    Using the reference's own header (not a header rebuilt from ITK's geometry) guarantees that nibabel and
-    MONAI see exactly the reference's grid.
-    """
-    ref = nib.load(os.fspath(reference))
-    if tuple(array.shape[:3]) != tuple(ref.shape[:3]):
-        raise ValueError(f"{path}: array shape {array.shape} does not match {reference} shape {ref.shape}")
-    data = np.asarray(array, dtype=dtype or array.dtype)
-    header = ref.header.copy()
-    header.set_data_dtype(data.dtype)
-    img = nib.Nifti1Image(data, ref.affine, header)
-    img.header.set_slope_inter(scale, 0.0)
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-    return os.fspath(path)

@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from monai_ssl.fileio import atomic_write_json
+from monai_ssl.fileio import atomic_write_json, save_nifti
 from registration.fusion import Fusion, fuse_labels
-from registration.geometry import save_like
 from registration.store import RegistrationStore
 
 __all__ = ["SCORES", "STRATEGIES", "Selection", "choose_atlas", "registered_label", "propagate", "run_select"]
@@ -87,14 +86,14 @@ def registered_label(
     """Warp ``atlas``'s label onto ``target``'s grid, write it as NIfTI with the target image's header, and
     return it as an ``[i, j, k]`` array."""
     label = store.warp(atlas, onto=target, what="label", interpolation=interpolation)
-    save_like(label, store.cases[target]["image"], path, dtype=label.dtype)
+    save_nifti(label, path, like=store.cases[target]["image"])
     return label
 
 
 def save_probabilities(probs: np.ndarray, reference, path) -> None:
     """Write ``(C, i, j, k)`` class probabilities as a 4D ``[i, j, k, c]`` uint8 NIfTI scaled by 1/255."""
     data = np.rint(np.moveaxis(probs, 0, -1) / PROBABILITY_SCALE).astype(np.uint8)
-    save_like(data, reference, path, scale=PROBABILITY_SCALE)
+    save_nifti(data, path, like=reference, scale=PROBABILITY_SCALE)
 
 
 def propagate(
@@ -115,7 +114,7 @@ def propagate(
         return strategy, registered_label(store, entry["choice"], target, label_path, how.interpolation)
     label, probs = fuse_labels(store, target, usable, store.num_classes, how.fusion)
     reference = store.cases[target]["image"]
-    save_like(label, reference, label_path, dtype=np.int16)
+    save_nifti(label, label_path, like=reference, dtype=np.int16)
     if probabilities_path is not None:
         save_probabilities(probs, reference, probabilities_path)
     return strategy, label

@@ -17,7 +17,6 @@ from registration.geometry import (
     image_affine_ras,
     linear_transform_ras,
     matrix_offset_ras,
-    save_like,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,21 +97,6 @@ def test_linear_transform_ras_rejects_deformable():
     ref = sitk.Image([8, 8, 8], sitk.sitkFloat32)
     with pytest.raises(ValueError, match="not a linear"):
         linear_transform_ras(sitk.BSplineTransformInitializer(ref, [2, 2, 2]))
-
-
-def test_save_like_keeps_reference_grid_and_dtype(tmp_path):
-    aff = _oblique_affine()
-    nib.save(nib.Nifti1Image(np.zeros((5, 6, 7), np.float32), aff), tmp_path / "ref.nii.gz")
-    lab = np.zeros((5, 6, 7), np.uint8)
-    lab[1:3, 2:5, 3] = 7
-    save_like(lab, tmp_path / "ref.nii.gz", tmp_path / "lab.nii.gz")
-    out = nib.load(tmp_path / "lab.nii.gz")
-    np.testing.assert_allclose(out.affine, aff, atol=1e-6)
-    assert out.get_data_dtype() == np.uint8
-    np.testing.assert_array_equal(np.asarray(out.dataobj), lab)
-    assert not list(tmp_path.glob(".tmp-*"))
-    with pytest.raises(ValueError, match="does not match"):
-        save_like(lab[:4], tmp_path / "ref.nii.gz", tmp_path / "bad.nii.gz")
 
 
 def test_displacement_field_is_exact_for_an_affine(tmp_path):

@@ -23,7 +23,7 @@ from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
 from monai_ssl.data.datalist import GROUPS, DatalistError, load_datalist, split_cases, write_datalist
-from monai_ssl.fileio import atomic_path
+from monai_ssl.fileio import atomic_path, save_nifti
 
 __all__ = [
     "ConversionError",
@@ -249,10 +249,7 @@ def remap_label_file(source: str | os.PathLike, target: str | os.PathLike, remap
         raise ConversionError(f"{source}: label values {unknown} are not in the remap table {sorted(remap)}")
     lut = np.zeros(max(remap) + 1, dtype=np.uint8)
     lut[list(remap)] = list(remap.values())
-    remapped = type(img)(lut[data.astype(np.int64)], img.affine, img.header)
-    remapped.set_data_dtype(np.uint8)
-    with atomic_path(target) as tmp:
-        nib.save(remapped, tmp)
+    save_nifti(lut[data.astype(np.int64)], target, like=img, dtype=np.uint8)
     logger.debug("remapped %s -> %s", source, target)
     return target
 

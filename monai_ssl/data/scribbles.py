@@ -34,7 +34,7 @@ from skimage.morphology import skeletonize
 
 from monai_ssl.data.geometry import slice_axis
 from monai_ssl.data.datalist import GROUPS, load_datalist, write_datalist
-from monai_ssl.fileio import atomic_path
+from monai_ssl.fileio import atomic_path, save_nifti
 
 __all__ = [
     "IGNORE_INDEX",
@@ -118,15 +118,7 @@ def write_scribbles(
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     scribbles = scribble_volume(data, np.random.default_rng(seed), slice_axis=slice_axis(img.affine), **kwargs)
-    header = img.header.copy()
-    header.set_data_dtype(scribbles.dtype)
-    out = nib.Nifti1Image(scribbles, img.affine, header)
-    out.set_qform(img.affine, code=1)
-    out.set_sform(img.affine, code=1)
-    out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        nib.save(out, tmp)
-    return out_path
+    return save_nifti(scribbles, out_path, like=img)
 
 
 def scribble_datalist(

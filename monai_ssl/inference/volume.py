@@ -20,7 +20,7 @@ from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTra
 from monai_ssl.data.datalist import GROUPS, load_datalist
 from monai_ssl.data.transforms import DEFAULT_PIXDIM, IMAGE_KEY, volume_transforms
 from monai_ssl.data.validation import InputError, check_case
-from monai_ssl.fileio import atomic_path
+from monai_ssl.fileio import save_nifti
 from monai_ssl.metrics.uncertainty import entropy
 
 __all__ = [
@@ -164,7 +164,7 @@ class SaveVolumed(MapTransform):
             vol = d[key]
             array = np.asarray(vol.detach().cpu())[0].astype(self.dtypes.get(key, np.float32))
             affine = np.asarray(vol.affine, dtype=np.float64)
-            header = None
+            like = None
             if source.endswith((".nii", ".nii.gz")):
                 ref = nib.load(source)
                 if ref.shape[:3] != array.shape or not np.allclose(ref.affine, affine, atol=1e-3):
@@ -172,16 +172,9 @@ class SaveVolumed(MapTransform):
                         f"{source}: inverted {key} has shape {array.shape} and affine\n{affine}\n"
                         f"but the input has {ref.shape} and\n{ref.affine}; not writing a misplaced volume"
                     )
-                header, affine = ref.header.copy(), ref.affine
-                header.set_data_dtype(array.dtype)
-                header.set_slope_inter(1.0, 0.0)
+                like = ref  # the input's own header: its grid, exactly
             out = self.output_dir / f"{case_id}{self.suffixes.get(key, f'_{key}.nii.gz')}"
-            img = nib.Nifti1Image(array, affine, header=header)
-            if header is None:
-                img.set_qform(affine, code=1)
-                img.set_sform(affine, code=1)
-            with atomic_path(out) as tmp:
-                nib.save(img, tmp)
+            save_nifti(array, out, affine=affine, like=like)
             d[f"{key}_path"] = str(out)
         return d
 
