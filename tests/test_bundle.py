@@ -49,6 +49,21 @@ def configs(*names):
     return [str(CONFIGS / n) for n in names]
 
 
+def export_traced(ts: Path, ckpt: Path, method: str, input_shape: list[int], overrides: dict) -> Path:
+    """MONAI's ``ckpt_export`` of the inference network, traced at ``input_shape``."""
+    ckpt_export(
+        "network_def",
+        filepath=str(ts),
+        ckpt_file=str(ckpt),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=configs("inference.json", f"methods/{method}.json"),
+        use_trace=True,
+        input_shape=input_shape,
+        **{k: v for k, v in overrides.items() if k not in ("dataset_dir", "output_root", "pixdim")},
+    )
+    return ts
+
+
 def test_metadata_verifies_offline_against_repo_schema():
     verify_metadata(
         meta_file=str(CONFIGS / "metadata.json"), filepath=str(REPO / "bundles" / "schema" / "meta_schema.json")
@@ -221,17 +236,7 @@ def test_bundle_train_evaluate_infer_export_end_to_end(tmp_path):
     assert ent.shape == ref.shape and ent.min() >= 0 and ent.max() <= np.log(3) + 1e-5
 
     # export: TorchScript (traced at the patch size) reproduces the eager ensemble's logits
-    ts = tmp_path / "model.ts"
-    ckpt_export(
-        "network_def",
-        filepath=str(ts),
-        ckpt_file=str(models / "model.pt"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=configs("inference.json", "methods/cts.json"),
-        use_trace=True,
-        input_shape=[1, 1, 16, 16],
-        **{k: v for k, v in infer_keys.items() if k not in ("dataset_dir", "output_root", "pixdim")},
-    )
+    ts = export_traced(tmp_path / "model.ts", models / "model.pt", "cts", [1, 1, 16, 16], infer_keys)
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -291,17 +296,7 @@ def test_two_and_a_half_d_trains_evaluates_infers_and_exports(tmp_path):
         output_dir=str(tmp_path / "pred"), **infer_keys)  # fmt: skip
     seg = nib.load(tmp_path / "pred" / "val_seg.nii.gz")
     assert seg.shape == nib.load(data / "val.nii.gz").shape
-    ts = tmp_path / "model.ts"
-    ckpt_export(
-        "network_def",
-        filepath=str(ts),
-        ckpt_file=str(models / "model.pt"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=configs("inference.json", "methods/unet_ls.json"),
-        use_trace=True,
-        input_shape=[1, 3, 16, 16],
-        **{k: v for k, v in infer_keys.items() if k not in ("dataset_dir", "output_root", "pixdim")},
-    )
+    ts = export_traced(tmp_path / "model.ts", models / "model.pt", "unet_ls", [1, 3, 16, 16], infer_keys)
     assert torch.jit.load(str(ts))(torch.rand(2, 3, 16, 16)).shape == (2, 3, 16, 16)
 
 
