@@ -369,3 +369,18 @@ def test_the_model_carries_its_preprocessing_to_inference(tmp_path):
         message = "\n".join(str(c) for c in _chain(e.value))
         assert f'trained with modality="{modality}", this run asks for modality="{other}"' in message
         assert "model.json" in message and not (tmp_path / modality / "q").exists()
+
+
+def test_training_with_a_corrupt_label_ends_with_the_file_and_the_problem(tmp_path):
+    data = tmp_path / "data"
+    tiny_dataset(data)
+    raw = (data / "lab_seg.nii.gz").read_bytes()
+    (data / "lab_seg.nii.gz").write_bytes(raw[: len(raw) // 2])
+    out = tmp_path / "runs"
+    files = json.dumps(configs("train.json", "methods/unet_ls.json"))
+    res = _bundle_cli("run", "training", "--config_file", files, dataset_dir=str(data), output_root=str(out),
+                      max_iterations=2, val_interval=2, progress=False, **TINY)  # fmt: skip
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode != 0 and last.startswith("error: ") and "lab_seg.nii.gz" in last, last
+    models = out / "unet_ls" / "models"
+    assert not models.exists() or not list(models.glob("*.pt"))  # nothing trained, nothing written
