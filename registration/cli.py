@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         pre.add_argument(f"--{option}", type=int, default=default, help=f"{what} ({default})")
     pre.add_argument("--no-eval", action="store_true", help="skip the validation/test <-> labelled pairs")
     pre.add_argument(
+        "--pairs",
+        choices=("all", "atlas"),
+        default="all",
+        help="all ordered training pairs (default), or only those with a labelled case on one side: all that "
+        "select and report need (e.g. B-spline labels while REPS reads the affine kind's pairs)",
+    )
+    pre.add_argument(
         "--fields",
         action="store_true",
         help="also write low-resolution RAS displacement fields OUT/KIND/fields/SRC__DST.nii.gz",
@@ -218,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler=args.scheduler,
                 dask_local=args.dask_local,
                 progress=not args.no_progress,
+                atlas_only=args.pairs == "atlas",
             )
             print(summary)
             return 1 if summary.failed else 0

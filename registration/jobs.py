@@ -130,11 +130,13 @@ def precompute(
     scheduler: Any = None,
     dask_local: int | None = None,
     progress: bool = True,
+    atlas_only: bool = False,
 ) -> JobSummary:
     """Register every planned pair of ``cases`` into ``OUT/<kind>/`` and write the manifest (and fields).
 
     ``scheduler`` (a Dask address or ``distributed.Client``) or ``dask_local`` (number of local Dask workers)
-    run the pairs on Dask instead of the local process pool.
+    run the pairs on Dask instead of the local process pool. ``atlas_only`` registers only the pairs with a
+    labelled case on one side (see :func:`registration.pairs.plan_pairs`).
     """
     start = time.perf_counter()
     root = Path(out_dir) / settings.kind
@@ -144,7 +146,7 @@ def precompute(
         handler = setup_logging(root / "precompute.log")
         try:
             cases.write(root / "cases.json")
-            tasks = plan_pairs(cases.training, cases.evaluation, pairs_dir, settings, hooks_from_env())
+            tasks = plan_pairs(cases.training, cases.evaluation, pairs_dir, settings, hooks_from_env(), atlas_only)
             todo = [t for t in tasks if not is_finished(t)]
             summary = JobSummary(total=len(tasks), skipped=len(tasks) - len(todo))
             log.info(

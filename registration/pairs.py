@@ -86,9 +86,12 @@ def plan_pairs(
     pairs_dir: str | os.PathLike,
     settings: RegistrationSettings,
     hooks: dict[str, str] | None = None,
+    atlas_only: bool = False,
 ) -> list[PairTask]:
     """All ordered pairs among the training cases, plus both directions between each evaluation case and
-    each labelled training case (for the registration-only baseline)."""
+    each labelled training case (for the registration-only baseline). ``atlas_only``: only the pairs with a
+    labelled case on one side, all that ``select`` and ``report`` read (REPS's unlabelled pairs come from the
+    affine kind)."""
     hooks = hooks or {}
     tasks = []
 
@@ -102,7 +105,7 @@ def plan_pairs(
 
     for f in training:
         for m in training:
-            if f["case_id"] != m["case_id"]:
+            if f["case_id"] != m["case_id"] and (not atlas_only or "labeled" in (f["group"], m["group"])):
                 add(f, m)
     atlases = [c for c in training if c["group"] == "labeled"]
     for e in evaluation:

@@ -245,3 +245,17 @@ def test_brs_picks_the_consistent_atlas_and_report_scores_it(tmp_path):
     assert list(overall.index) == ["brs", "fusion", "oracle"]
     assert overall.loc["brs", "dice_mean"] == pytest.approx(by["brs"]["dice"].mean())
     assert not result["failed"]
+
+
+def test_atlas_only_plans_exactly_the_pairs_select_and_report_read(tmp_path):
+    img, lab = phantom((8, 8, 4), (2.0, 2.0, 4.0), seed=0)
+    cases = {"a": ("labeled", img, lab), "b": ("labeled", img, lab), "v": ("validation", img, lab)}
+    cases.update({f"u{i}": ("unlabeled", img, None) for i in range(3)})
+    table = load_cases(write_dataset(tmp_path, cases, PHANTOM_CLASSES))
+    settings = RegistrationSettings(kind="bspline")
+    every = {t.stem for t in plan_pairs(table.training, table.evaluation, tmp_path / "p", settings)}
+    atlas = {t.stem for t in plan_pairs(table.training, table.evaluation, tmp_path / "p", settings, atlas_only=True)}
+    assert len(every) == 5 * 4 + 2 * 2 and atlas < every
+    # both directions between each atlas and every other case, nothing between two unlabelled cases
+    expected = {f"{x}__{y}" for x in ("a", "b") for y in ("a", "b", "u0", "u1", "u2", "v") if x != y}
+    assert atlas == expected | {f"{y}__{x}" for x in ("a", "b") for y in ("u0", "u1", "u2", "v")}
