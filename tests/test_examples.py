@@ -61,13 +61,23 @@ NETWORK_KEYS = ["method", "num_classes", "spatial_dims", "context", "students"]
 DATA_KEYS = ["pixdim", "patch_size", "modality"]
 # train.json's default: training and evaluation read the modality from the datalist
 DATALIST_MODALITY = "$monai_ssl.data.datalist.load_datalist(@datalist).get('modality', 'MR')"
+DATALIST_NUM_CLASSES = "$monai_ssl.data.datalist.num_classes(monai_ssl.data.datalist.load_datalist(@datalist))"
+#: a value evaluation and inference take from the trained model's record (``models/model.json``) at run time
+RECORDED = "<from the model's record>"
 
 
 def effective(parser, key: str, name: str):
-    """A config value as the run uses it; the datalist-modality default is the walkthrough data's modality
-    (its datalist records it; the converters' tests check that)."""
+    """A config value as the run uses it: the datalist defaults are the walkthrough data's modality and class
+    count (its datalist records them; the converters' tests check that); evaluation's and inference's defaults
+    come from the model's record, which refuses any contradicting override at run time."""
     value = parser.get(key)
-    return EXPECTED[name]["modality"] if key == "modality" and value == DATALIST_MODALITY else value
+    if key == "modality" and (value == DATALIST_MODALITY or "'modality'" in str(value) and "recorded(" in str(value)):
+        return EXPECTED[name]["modality"]
+    if key == "num_classes" and value == DATALIST_NUM_CLASSES:
+        return EXPECTED[name]["num_classes"]
+    if isinstance(value, str) and "inference.record.recorded(" in value:
+        return RECORDED
+    return value
 
 
 # --------------------------------------------------------------------------------------- abdominal CT builder
@@ -391,7 +401,7 @@ def test_walkthrough_bundle_calls_match_the_configs(name):
             assert key in defaults, f"{where}: override --{key} is not a key of the merged config"
             default = defaults[key]
             assert _type_matches(default, value), f"{where}: --{key} {value!r} does not fit the default {default!r}"
-        assert parser["num_classes"] == EXPECTED[name]["num_classes"], where
+        assert effective(parser, "num_classes", name) in (EXPECTED[name]["num_classes"], RECORDED), where
         if call.command == "run":  # export builds the network only
             assert effective(parser, "modality", name) == EXPECTED[name]["modality"], where
         assert parser.get("registration_kind", "affine") in KINDS, where
@@ -444,7 +454,7 @@ def test_walkthrough_steps_fit_together(name):
         trained = runs[ckpt_dir]
         for key in NETWORK_KEYS + (DATA_KEYS if call.command == "run" else []):
             mine, theirs = effective(parser, key, name), effective(trained, key, name)
-            assert mine == theirs, f"{name}: {key} {mine} != trained {theirs}"
+            assert mine in (theirs, RECORDED), f"{name}: {key} {mine} != trained {theirs}"
         for student in ("student_0", "student_1"):
             assert parser[student]["name"] == trained[student]["name"], f"{name}: {student} differs"
         if call.command == "ckpt_export":
@@ -469,7 +479,7 @@ def test_walkthrough_students_run_at_the_documented_patch_size():
             if call.positional != ["training"]:
                 continue
             parser = call.parser
-            nc, ctx, patch = parser["num_classes"], parser["context"], tuple(parser["patch_size"])
+            nc, ctx, patch = effective(parser, "num_classes", name), parser["context"], tuple(parser["patch_size"])
             for ref in parser["students"]:
                 student = parser[ref.lstrip("@")]["name"]
                 seen.add((student, nc, patch))
