@@ -315,7 +315,6 @@ class ProgressBar:
         engine.add_event_handler(Events.STARTED, self._open)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._step)
         engine.add_event_handler(Events.COMPLETED, self._close)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self._fail)
 
     def _open(self, engine: Engine) -> None:
         from tqdm.auto import tqdm
@@ -336,10 +335,6 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-    def _fail(self, engine: Engine, e: Exception) -> None:
-        self._close(engine)
-        raise e
 
 
 class _NoWriter:
