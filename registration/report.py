@@ -71,14 +71,19 @@ def summarise(per_case: pd.DataFrame) -> pd.DataFrame:
     return out[["strategy", *[c for c in out.columns if c != "strategy"]]]
 
 
+def oracle_atlases(per_atlas: pd.DataFrame) -> dict[str, str]:
+    """Per case the atlas with the highest mean Dice over the case's classes (ties: the first listed)."""
+    mean_dice = per_atlas.groupby(["case_id", "atlas"], sort=False)["dice"].mean()
+    return {case: mean_dice[case].idxmax() for case in mean_dice.index.get_level_values(0).unique()}
+
+
 def strategy_rows(per_atlas: pd.DataFrame, fused: pd.DataFrame, choices: dict[str, str]) -> pd.DataFrame:
     """``brs``, ``fusion`` and ``oracle`` rows from the per-atlas scores, the fused scores and BRS's choices.
 
     The oracle is the atlas with the highest mean Dice over the case's classes (ties: the first atlas listed).
     Cases without a fused label (one usable atlas) take the atlas's rows as their fusion rows.
     """
-    mean_dice = per_atlas.groupby(["case_id", "atlas"], sort=False)["dice"].mean()
-    oracle = {case: mean_dice[case].idxmax() for case in mean_dice.index.get_level_values(0).unique()}
+    oracle = oracle_atlases(per_atlas)
 
     def atlas_rows(chosen: dict[str, str]) -> pd.DataFrame:
         return per_atlas[per_atlas["case_id"].map(chosen) == per_atlas["atlas"]]
@@ -162,11 +167,12 @@ def run_report(store: RegistrationStore, how: Selection = Selection(), progress:
 def _pick_rate(selection: dict[str, Any], per_atlas: pd.DataFrame, choices: dict[str, str]) -> None:
     """Record per case the oracle atlas and whether BRS picked it (in ``selection``), and log the rate."""
     mean_dice = per_atlas.groupby(["case_id", "atlas"], sort=False)["dice"].mean()
+    oracle = oracle_atlases(per_atlas)
     picked = []
     for case, choice in choices.items():
         dice = mean_dice[case]
         entry = selection[case]
-        entry["oracle"] = str(dice.idxmax())
+        entry["oracle"] = str(oracle[case])
         entry["atlas_mean_dice"] = {str(a): float(v) for a, v in dice.items()}
         if len(dice) >= 2:
             entry["brs_is_oracle"] = bool(choice == entry["oracle"])

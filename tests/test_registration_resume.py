@@ -23,16 +23,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_resume_after_kill_9(tmp_path):
+def _start_precompute(tmp_path, hook: str, finished: int):
+    """Start a 1-worker precompute of 3 cases with a test ``hook``; return once ``finished`` sidecars exist."""
     datalist = dataset(tmp_path, 3)
     out = tmp_path / "out"
     pairs = out / "affine" / "pairs"
     args = ["precompute", "--datalist", str(datalist), "--out", str(out), "--kind", "affine", "--workers", "1"]
-    # the 4th pair hangs, so the job is certainly mid-way when it is killed
-    proc = cli(*args, env={**os.environ, HOOKS_ENV: "c1__c2=sleep:300"})
+    proc = cli(*args, env={**os.environ, HOOKS_ENV: hook})
     deadline = time.monotonic() + 150
-    while len(list(pairs.glob("*.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+    while len(list(pairs.glob("*.json"))) < finished and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    return proc, args, out, pairs
+
+
+def test_resume_after_kill_9(tmp_path):
+    # the 4th pair hangs, so the job is certainly mid-way when it is killed
+    proc, args, out, pairs = _start_precompute(tmp_path, "c1__c2=sleep:300", finished=3)
     time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
@@ -61,14 +67,7 @@ def test_resume_after_kill_9(tmp_path):
 def test_kill_9_stops_a_worker_inside_a_gil_holding_call_and_select_waits_for_precompute(tmp_path):
     """A worker blocked in a call that holds the GIL (as elastix does) dies with the job, not when the call
     returns; and `select` refuses to read a folder whose precompute is still running."""
-    datalist = dataset(tmp_path, 3)
-    out = tmp_path / "out"
-    pairs = out / "affine" / "pairs"
-    args = ["precompute", "--datalist", str(datalist), "--out", str(out), "--kind", "affine", "--workers", "1"]
-    proc = cli(*args, env={**os.environ, HOOKS_ENV: "c0__c2=hold:120"})
-    deadline = time.monotonic() + 150
-    while not (pairs / "c0__c1.json").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc, _, out, pairs = _start_precompute(tmp_path, "c0__c2=hold:120", finished=1)  # c0__c1 done, c0__c2 held
     worker = json.loads((pairs / "c0__c1.json").read_text())["pid"]
     select = cli("select", "--out", str(out), "--kind", "affine")
     _, err = select.communicate(timeout=120)
