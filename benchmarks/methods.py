@@ -43,6 +43,7 @@ from monai_ssl.data.converters import resplit_datalist  # noqa: E402
 from monai_ssl.data.datalist import GROUPS, load_datalist, split_cases  # noqa: E402
 from monai_ssl.fileio import atomic_path  # noqa: E402
 from monai_ssl.metrics.report import summarize_metrics  # noqa: E402
+from registration.layout import Layout  # noqa: E402
 
 __all__ = [
     "BUNDLE",
@@ -265,9 +266,9 @@ def _registration(*args: str) -> None:
         raise RuntimeError(f"`python -m registration {args[0]}` failed (exit {proc.returncode}): {tail}")
 
 
-def _store_datalist(root: Path) -> str | None:
+def _store_datalist(layout: Layout) -> str | None:
     """The datalist a registration output folder was computed from (its ``cases.json``), or None."""
-    table = root / "cases.json"
+    table = layout.cases_table
     return json.loads(table.read_text()).get("datalist") if table.exists() else None
 
 
@@ -287,10 +288,10 @@ def prepare_registration(
     registers only the new ones (evaluation cases against a newly labelled case). ``select`` and ``report``
     always rerun because they depend on which cases are labelled.
     """
-    if reuse_from is not None and (reuse_from / kind / "pairs").is_dir():
-        pairs = registration_dir / kind / "pairs"
+    source, pairs = Layout(reuse_from or registration_dir, kind).pairs_dir, Layout(registration_dir, kind).pairs_dir
+    if reuse_from is not None and source.is_dir():
         pairs.mkdir(parents=True, exist_ok=True)
-        for src in (reuse_from / kind / "pairs").iterdir():
+        for src in source.iterdir():
             if not src.name.startswith(".") and not (pairs / src.name).exists():  # .tmp-* files are unfinished
                 try:
                     os.link(src, pairs / src.name)
@@ -302,21 +303,6 @@ def prepare_registration(
     if report:
         _registration("report", *common, "--strategy", strategy)
     return registration_dir
-
-
-def _precompute_running(root: Path) -> bool:
-    """True while a ``precompute`` job holds ``root/.lock`` (its outputs are then incomplete)."""
-    import fcntl
-
-    if not (root / ".lock").exists():
-        return False
-    with open(root / ".lock") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
 
 
 def _registration_for(
@@ -337,13 +323,13 @@ def _registration_for(
     if datalist != base_datalist:
         derived = work_dir / "registration" / datalist.stem
         return prepare_registration(datalist, derived, kind, base_registration, report, strategy)
-    root = base_registration / kind
-    found = _store_datalist(root)
+    layout = Layout(base_registration, kind)
+    found = _store_datalist(layout)
     if found is not None and found != str(datalist):
-        raise NotAvailable(f"not available: {root} was computed from {found}, not {datalist}")
-    if _precompute_running(root):
-        raise NotAvailable(f"not available: a registration precompute is still running on {root}")
-    needed = root / "reg_only" / "per_case.csv" if report else root / "brs.json"
+        raise NotAvailable(f"not available: {layout.root} was computed from {found}, not {datalist}")
+    if layout.busy():
+        raise NotAvailable(f"not available: a registration precompute is still running on {layout.root}")
+    needed = layout.report_dir / "per_case.csv" if report else layout.selection_path
     if found is None or not needed.exists():
         steps = [f"precompute --datalist {datalist} --out {base_registration} --kind {kind}"] if found is None else []
         steps.append(f"{'report' if report else 'select'} --out {base_registration} --kind {kind}")
@@ -380,7 +366,7 @@ def reg_only_metrics(
     The per-case rows are summarised with the same function as the trained methods' evaluation, so the
     ``overall`` figures pool (case, class) rows identically.
     """
-    path = registration_dir / kind / "reg_only" / "per_case.csv"
+    path = Layout(registration_dir, kind).report_dir / "per_case.csv"
     per_case = pd.read_csv(path)
     keep = per_case["default"].astype(bool) if strategy is None else per_case["strategy"] == strategy
     rows = per_case[keep & (per_case["group"] == group)]

@@ -48,6 +48,7 @@ from registration.cycle import cycle_scores  # noqa: E402
 from registration.elastix import register_pair, warm_up  # noqa: E402
 from registration.fusion import Fusion, vote  # noqa: E402
 from registration.geometry import array_xyz  # noqa: E402
+from registration.layout import Layout  # noqa: E402
 from registration.metrics import normalise_intensity  # noqa: E402
 from registration.pairs import PairTask  # noqa: E402
 from registration.params import RegistrationSettings  # noqa: E402
@@ -165,8 +166,8 @@ def whole_job(datalist: Path, kind: str, out: Path) -> dict:
     pre = run_cli("precompute", *common, "--workers", "2", "--threads-per-worker", "1")
     sel = run_cli("select", *common)
     rep = run_cli("report", *common)
-    manifest = pd.read_csv(out / kind / "manifest.csv")
-    summary = pd.read_csv(out / kind / "reg_only" / "summary.csv")
+    layout = Layout(out, kind)
+    manifest, summary = pd.read_csv(layout.manifest_path), pd.read_csv(layout.report_dir / "summary.csv")
     summary = summary[summary["strategy"] == "brs"]
     return {
         "kind": kind,

@@ -162,7 +162,7 @@ def _how(args) -> Selection:
 
 def _select_or_report(store, args) -> int:
     """Run ``select`` or ``report``, logging to ``OUT/<kind>/<command>.log``; 1 if some case failed."""
-    with exclusive(store.root):  # never select from the partial pairs of a running precompute
+    with exclusive(store):  # never select from the partial pairs of a running precompute
         return _run_locked(store, args)
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from monai_ssl.fileio import atomic_path
 from registration.elastix import versions
 from registration.inputs import CaseTable
+from registration.layout import Layout
 from registration.pairs import PairTask, is_finished, plan_pairs, read_sidecar, write_sidecar
 from registration.params import RegistrationSettings
 
@@ -102,10 +103,12 @@ def write_manifest(tasks: list[PairTask], path: Path, groups: dict[str, str]) ->
 
 
 @contextmanager
-def exclusive(root: Path):
-    """Hold ``root/.lock`` so two jobs never write one folder; the OS releases it when the process dies."""
+def exclusive(layout: Layout):
+    """Hold the folder's lock file so two jobs never write one folder; the OS releases it when the process dies
+    (:meth:`registration.layout.Layout.busy` probes it)."""
+    root = layout.root
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
+    with open(layout.lock_path, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
@@ -139,13 +142,13 @@ def precompute(
     labelled case on one side (see :func:`registration.pairs.plan_pairs`).
     """
     start = time.perf_counter()
-    root = Path(out_dir) / settings.kind
-    pairs_dir = root / "pairs"
+    layout = Layout(out_dir, settings.kind)
+    root, pairs_dir = layout.root, layout.pairs_dir
     pairs_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive(root):
+    with exclusive(layout):
         handler = setup_logging(root / "precompute.log")
         try:
-            cases.write(root / "cases.json")
+            cases.write(layout.cases_table)
             tasks = plan_pairs(cases.training, cases.evaluation, pairs_dir, settings, hooks_from_env(), atlas_only)
             todo = [t for t in tasks if not is_finished(t)]
             summary = JobSummary(total=len(tasks), skipped=len(tasks) - len(todo))
@@ -177,7 +180,7 @@ def precompute(
 
                 PairPool(workers, threads, timeout_s or DEFAULT_TIMEOUT_S[settings.kind]).run(todo, on_result)
             bar.close()
-            write_manifest(tasks, root / "manifest.csv", {c["case_id"]: c["group"] for c in cases.all})
+            write_manifest(tasks, layout.manifest_path, {c["case_id"]: c["group"] for c in cases.all})
             if fields:
                 write_fields(tasks, root, field_factor, progress)
             summary.seconds = time.perf_counter() - start

@@ -105,7 +105,7 @@ def run_report(store: RegistrationStore, how: Selection = Selection(), progress:
     targets = [c for c in store.group("validation") + store.group("test") if store.cases[c].get("label")]
     if not targets:
         raise ValueError(f"{store.root}: no validation or test case with a label to evaluate")
-    out = store.root / "reg_only"
+    out = store.report_dir
     selection, failed, singles, fused, default = {}, {}, [], [], {}
     for target in tqdm(targets, desc="reg-only", unit="case", disable=not progress):
         entry = choose_atlas(store, target, atlases, how)

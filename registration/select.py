@@ -162,5 +162,5 @@ def run_select(store: RegistrationStore, how: Selection = Selection(), progress:
         if len(failed) < len(cases)
         else None,
     }
-    atomic_write_json(store.root / "brs.json", result)
+    atomic_write_json(store.selection_path, result)
     return result

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,8 @@ import SimpleITK as sitk
 from registration.cycle import CycleScore, cycle_scores, foreground_mask
 from registration.fields import DisplacementField, load_field
 from registration.geometry import array_xyz, flip_xy, image_affine_ras, linear_transform_ras
-from registration.pairs import pair_stem, read_sidecar
+from registration.layout import Layout
+from registration.pairs import read_sidecar
 
 __all__ = ["RegistrationStore", "INTERPOLATORS"]
 
@@ -34,13 +34,13 @@ INTERPOLATORS = {
 }
 
 
-class RegistrationStore:
-    """Transforms, mappings, scores and selections of ``OUT/<kind>`` written by ``python -m registration``."""
+class RegistrationStore(Layout):
+    """Transforms, mappings, scores and selections of ``OUT/<kind>`` written by ``python -m registration``;
+    the paths and the selection reader are :class:`registration.layout.Layout`'s."""
 
     def __init__(self, out_dir: str | os.PathLike, kind: str):
-        self.root = Path(out_dir) / kind
-        self.kind = kind
-        table = self.root / "cases.json"
+        super().__init__(out_dir, kind)
+        table = self.cases_table
         if not table.exists():
             raise FileNotFoundError(f"{table}: no case table; run `python -m registration precompute` first")
         meta = json.loads(table.read_text())
@@ -52,9 +52,6 @@ class RegistrationStore:
         self._mask = lru_cache(maxsize=64)(lambda cid: foreground_mask(self._image(cid, "image")))
 
     # ---- paths -------------------------------------------------------------------------------------------
-    def pair_path(self, fixed: str, moving: str, suffix: str = ".h5") -> Path:
-        return self.root / "pairs" / f"{pair_stem(fixed, moving)}{suffix}"
-
     def pair_status(self, fixed: str, moving: str) -> dict[str, Any] | None:
         """The pair's sidecar record, or None if it was never computed."""
         return read_sidecar(self.pair_path(fixed, moving, ".json"))
@@ -62,17 +59,6 @@ class RegistrationStore:
     def has_pair(self, fixed: str, moving: str) -> bool:
         side = self.pair_status(fixed, moving)
         return bool(side and side.get("status") == "ok" and self.pair_path(fixed, moving).exists())
-
-    def registered_label_path(self, case_id: str) -> Path:
-        """Where ``select`` writes the registered label of an unlabelled case."""
-        return self.root / "registered_labels" / f"{case_id}.nii.gz"
-
-    def registered_probabilities_path(self, case_id: str) -> Path:
-        """Where ``select`` writes the fused class probabilities of an unlabelled case (4D, uint8 / 255)."""
-        return self.root / "registered_probabilities" / f"{case_id}.nii.gz"
-
-    def field_path(self, src: str, dst: str) -> Path:
-        return self.root / "fields" / f"{pair_stem(src, dst)}.nii.gz"
 
     # ---- reading -----------------------------------------------------------------------------------------
     def _read_transform(self, fixed: str, moving: str) -> sitk.Transform:
@@ -161,13 +147,6 @@ class RegistrationStore:
     def cycle(self, j: str, q: str, w_rmse: float = 1.0, w_mi: float = 1.0) -> CycleScore:
         """Cycle scores of the round trip j -> q -> j (needs both directions registered)."""
         return cycle_scores(self.image(j), self.transform(j, q), self.transform(q, j), self._mask(j), w_rmse, w_mi)
-
-    def brs(self) -> dict[str, Any]:
-        """The best-registration selection written by ``select`` (``brs.json``)."""
-        path = self.root / "brs.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no selection yet; run `python -m registration select` first")
-        return json.loads(path.read_text())
 
     def group(self, group: str) -> list[str]:
         return [cid for cid, c in self.cases.items() if c["group"] == group]

@@ -8,7 +8,6 @@ class probabilities, soft RSL targets) when registered probabilities are given.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from monai_ssl.data.transforms import (
     volume_transforms,
 )
 from monai_ssl.data.validation import LABEL_KEYS, PROBABILITY_KEYS, InputError
+from registration.layout import Layout
 
 __all__ = [
     "training_datasets",
@@ -63,28 +63,18 @@ def registered_labels(
     registration_dir: str | os.PathLike, kind: str = "affine", what: str = "registered_label"
 ) -> dict[str, str]:
     """case_id -> registered label path (``what="registered_probabilities"``: fused class probabilities), read
-    from the registration job's ``<dir>/<kind>/brs.json``.
-
-    Read as plain JSON (no ITK import): it is what ``python -m registration select`` wrote.
-    """
-    root = Path(registration_dir) / kind
-    path = root / "brs.json"
-    if not path.exists():
-        raise InputError(
-            f"{path}: no best-registration selection; run `python -m registration precompute` and "
-            "`python -m registration select` first"
-        )
-    cases = json.loads(path.read_text()).get("cases", {})
-    out = {cid: str(root / c[what]) for cid, c in cases.items() if c.get(what)}
-    if what == "registered_probabilities" and len(out) < sum(1 for c in cases.values() if c.get("choice")):
-        brs = sorted(cid for cid, c in cases.items() if c.get("choice") and not c.get(what))
-        raise InputError(
-            f"{path}: no class probabilities for {', '.join(brs)}: their labels come from one atlas (brs); soft "
-            "RSL targets need label fusion, i.e. two or more labelled cases and `select --strategy auto|fusion`"
-        )
-    missing = [str(p) for p in out.values() if not Path(p).exists()]
-    if missing:
-        raise InputError([f"{p}: {what.replace('_', ' ')} listed in {path} is missing" for p in missing])
+    from the registration job's selection ``<dir>/<kind>/brs.json`` by :class:`registration.layout.Layout`."""
+    layout = Layout(registration_dir, kind)
+    out = {cid: str(p) for cid, p in layout.selected(what).items()}
+    if what == "registered_probabilities":
+        cases = layout.read_selection().get("cases", {})
+        brs = sorted(cid for cid, c in cases.items() if c.get("choice") and cid not in out)
+        if brs:
+            raise InputError(
+                f"{layout.selection_path}: no class probabilities for {', '.join(brs)}: their labels come from one "
+                "atlas (brs); soft RSL targets need label fusion, i.e. two or more labelled cases and "
+                "`select --strategy auto|fusion`"
+            )
     return out
 
 

@@ -128,7 +128,7 @@ class AffineCorrespondences(nn.Module):
         ids = list(store.cases) if case_ids is None else [str(c) for c in case_ids]
         unknown = [c for c in ids if c not in store.cases]
         if unknown:
-            raise ValueError(f"{store.root / 'cases.json'}: no registration input for case(s) {unknown}")
+            raise ValueError(f"{store.cases_table}: no registration input for case(s) {unknown}")
         matrices, missing = {}, []
         for src in tqdm(ids, desc=f"reading {kind} correspondences", leave=False):
             for dst in ids:
