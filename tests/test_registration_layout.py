@@ -36,7 +36,6 @@ def test_busy_is_true_exactly_while_a_job_holds_the_folder(tmp_path):
     assert not layout.busy()
     with exclusive(layout):
         assert layout.busy()
-        with pytest.raises(RuntimeError, match="another registration job"):
-            with exclusive(layout):
-                pass
+        with pytest.raises(RuntimeError, match="another registration job"), exclusive(layout):
+            pass
     assert not layout.busy()
