@@ -105,3 +105,15 @@ def test_load_reports_every_structural_problem(tmp_path):
         load_datalist(tmp_path / "e.json")
     with pytest.raises(DatalistError, match="not found"):
         load_datalist(tmp_path / "missing.json")
+
+
+def test_case_seed_is_seed_and_crc32_of_the_case_id():
+    import zlib
+
+    import numpy as np
+
+    from monai_ssl.data.datalist import case_seed
+
+    assert case_seed(3, "d123") == [3, zlib.crc32(b"d123")]
+    a, b = (np.random.default_rng(case_seed(0, c)).random() for c in ("d1", "d2"))
+    assert a != b and np.random.default_rng(case_seed(0, "d1")).random() == a

@@ -126,3 +126,16 @@ def test_an_empty_datalist_is_an_error_and_4d_is_named(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), str(img))
     (problem,) = check_case({"image": str(img)})
     assert "series.nii.gz: expected a 3D volume" in problem and "4D series" in problem
+
+
+def test_volume_shape_and_array_drop_only_trailing_singletons():
+    import nibabel as nib
+
+    from monai_ssl.data.validation import volume_array, volume_shape
+
+    assert volume_shape((4, 5, 6, 1, 1)) == (4, 5, 6)
+    assert volume_shape((4, 5, 6, 2)) == (4, 5, 6, 2)  # a real 4th dimension stays, so checks can refuse it
+    assert volume_shape((4, 1, 6)) == (4, 1, 6)  # never below three dimensions
+    data = np.arange(120, dtype=np.int16).reshape(4, 5, 6, 1)
+    out = volume_array(nib.Nifti1Image(data, np.eye(4)))
+    assert out.shape == (4, 5, 6) and (out == data[..., 0]).all()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "training_cases",
     "split_cases",
     "num_classes",
+    "case_seed",
 ]
 
 GROUPS = ("labeled", "unlabeled", "validation", "test")
@@ -230,3 +232,9 @@ def _patient_of(ident: str, patients: dict[str, list[dict[str, Any]]]) -> str:
         if any(c["case_id"] == ident for c in cs):
             return pid
     raise DatalistError(f"unknown patient or case id {ident!r}")
+
+
+def case_seed(seed: int, case_id: str) -> list[int]:
+    """Entropy of a per-case ``numpy`` generator: ``(seed, crc32(case_id))``, so a case's draws do not depend on
+    the other cases of the datalist or their order."""
+    return [int(seed), zlib.crc32(str(case_id).encode())]

@@ -20,7 +20,6 @@ clean labels, so test Dice is measured against clean labels) and a datalist poin
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ import numpy as np
 from scipy import ndimage
 
 from monai_ssl.data.geometry import slice_axis
-from monai_ssl.data.datalist import load_datalist, write_datalist
+from monai_ssl.data.datalist import case_seed, load_datalist, write_datalist
+from monai_ssl.data.validation import volume_array
 from monai_ssl.fileio import atomic_path, save_nifti
 
 __all__ = ["noisy_label", "boundary_mask", "write_noisy_datalist", "NOISE_DEFAULTS"]
@@ -90,7 +90,7 @@ def noisy_label(
         )
     if max_radius < 1:
         raise ValueError(f"noisy_label: max_radius must be >= 1, got {max_radius}")
-    rng = np.random.default_rng([int(seed), zlib.crc32(str(case_id).encode())])
+    rng = np.random.default_rng(case_seed(seed, case_id))
     axis = slice_axis % 3
     structure = _in_plane_structure(axis)
     sampling = tuple(1e6 if a == axis else 1.0 for a in range(3))  # nearest class searched within the slice
@@ -138,7 +138,7 @@ def write_noisy_datalist(
     labeled = []
     for case in dl.get("labeled", []):
         img = nib.load(case["label"])
-        data = np.asarray(img.dataobj)
+        data = volume_array(img)
         noisy = noisy_label(data, seed, case["case_id"], slice_axis(img.affine), **params)
         path = out_dir / "labels" / f"{case['case_id']}_noisy_s{seed}.nii.gz"
         save_nifti(noisy, path, like=img)

@@ -22,7 +22,6 @@ written atomically (temporary file, then rename).
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,8 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 
 from monai_ssl.data.geometry import slice_axis
-from monai_ssl.data.datalist import GROUPS, load_datalist, write_datalist
+from monai_ssl.data.datalist import GROUPS, case_seed, load_datalist, write_datalist
+from monai_ssl.data.validation import volume_array
 from monai_ssl.fileio import atomic_path, save_nifti
 
 __all__ = [
@@ -103,20 +103,13 @@ def scribble_volume(
     return np.moveaxis(out, 0, slice_axis)
 
 
-def case_seed(seed: int, case_id: str) -> list[int]:
-    """Entropy of a case's generator: independent of the other cases of the datalist."""
-    return [int(seed), zlib.crc32(str(case_id).encode())]
-
-
 def write_scribbles(
     label_path: str | os.PathLike, out_path: str | os.PathLike, seed: int | list[int] = 0, **kwargs: Any
 ) -> Path:
     """Scribbles of one label NIfTI, written atomically to ``out_path`` on the same grid (``kwargs``: see
     :func:`scribble_volume`)."""
     img = nib.load(os.fspath(label_path))
-    data = np.asarray(img.dataobj)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+    data = volume_array(img)
     scribbles = scribble_volume(data, np.random.default_rng(seed), slice_axis=slice_axis(img.affine), **kwargs)
     return save_nifti(scribbles, out_path, like=img)
 

@@ -27,6 +27,8 @@ __all__ = [
     "check_probability_array",
     "check_case",
     "validate_datalist",
+    "volume_shape",
+    "volume_array",
     "LABEL_KEYS",
     "PROBABILITY_KEYS",
 ]
@@ -170,7 +172,7 @@ def check_case(
     if "image" not in arrays:
         return problems
     image = arrays["image"]
-    shape = _volume_shape(image.shape)
+    shape = volume_shape(image.shape)
     if len(shape) != 3 or min(shape) < 2:
         if len(shape) == 3:
             hint = " (fewer than 2 voxels along an axis)"
@@ -184,19 +186,24 @@ def check_case(
         if key not in arrays:
             continue
         lab = arrays[key]
-        lshape = _volume_shape(lab.shape)
+        lshape = volume_shape(lab.shape)
         problems += check_geometry(str(case["image"]), shape, image.affine, str(case[key]), lshape, lab.affine)
         if load_data and lshape == shape:
             problems += check_label_array(np.asarray(lab.dataobj), str(case[key]), n_classes, ignore_index)
     return problems
 
 
-def _volume_shape(shape: Sequence[int]) -> tuple[int, ...]:
+def volume_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """Drop trailing singleton dimensions beyond the third (NIfTI stores some volumes as X*Y*Z*1)."""
     shape = tuple(shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     return shape
+
+
+def volume_array(img: Any) -> np.ndarray:
+    """The data of a nibabel image as stored, trailing singleton dimensions beyond the third dropped."""
+    return np.asarray(img.dataobj).reshape(volume_shape(img.shape))
 
 
 def validate_datalist(

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from monai_ssl.data.validation import InputError, check_geometry
+from monai_ssl.data.validation import InputError, check_geometry, volume_array, volume_shape
 from monai_ssl.fileio import atomic_path
 from monai_ssl.metrics.segmentation import case_metrics
 
@@ -43,13 +43,15 @@ def score_files(
 ) -> list[dict[str, Any]]:
     """Per-class metric rows of one predicted label file against its reference (same grid, spacing from it)."""
     pred, ref = _read_label(prediction), _read_label(reference)
-    problems = check_geometry(reference, ref.shape[:3], ref.affine, prediction, pred.shape[:3], pred.affine)
+    problems = check_geometry(
+        reference, volume_shape(ref.shape), ref.affine, prediction, volume_shape(pred.shape), pred.affine
+    )
     if problems:
         raise InputError(problems)
     spacing = nib.affines.voxel_sizes(ref.affine)
     return case_metrics(
-        np.asarray(pred.dataobj).reshape(pred.shape[:3]),
-        np.asarray(ref.dataobj).reshape(ref.shape[:3]),
+        volume_array(pred),
+        volume_array(ref),
         num_classes,
         spacing,
         class_names,
