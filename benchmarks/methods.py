@@ -288,8 +288,8 @@ def prepare_registration(
     registers only the new ones (evaluation cases against a newly labelled case). ``select`` and ``report``
     always rerun because they depend on which cases are labelled.
     """
-    source, pairs = Layout(reuse_from or registration_dir, kind).pairs_dir, Layout(registration_dir, kind).pairs_dir
-    if reuse_from is not None and source.is_dir():
+    pairs = Layout(registration_dir, kind).pairs_dir
+    if reuse_from is not None and (source := Layout(reuse_from, kind).pairs_dir).is_dir():
         pairs.mkdir(parents=True, exist_ok=True)
         for src in source.iterdir():
             if not src.name.startswith(".") and not (pairs / src.name).exists():  # .tmp-* files are unfinished
