@@ -45,7 +45,7 @@ BUNDLE_ARGS = --dataset_dir $(DEMO_DIR) --registration_dir $(REG_DIR) --registra
 # and inference under 1 min; 7 min 55 s measured with dataset and registration cached).
 demo: install
 	@echo "== 1/6 demo dataset (real donor anatomy, synthetic MR) =="
-	$(PY) -m monai_ssl.data.demo --out $(DEMO_DIR) --seed $(SEED)
+	$(PY) -m monai_ssl.demo --out $(DEMO_DIR) --seed $(SEED)
 	$(PY) -m monai_ssl.data validate-datalist $(DEMO_DIR)/datalist.json
 	@echo "== 2/6 registration: affine (all pairs, REPS), B-spline (atlas pairs, registered labels), registration-only baseline =="
 	$(PY) -m registration precompute --datalist $(DEMO_DIR)/datalist.json --out $(REG_DIR) --kind affine --workers 2

@@ -34,8 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# this file is named like the package it measures: drop its own folder from the import path first
+# this file is named like the package it measures: drop its own folder from the import path first; the repository
+# root gives the known-pair fixtures of the tests (tests/synthetic.py), which are not part of the installed packages
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -53,7 +55,7 @@ from registration.metrics import normalise_intensity  # noqa: E402
 from registration.pairs import PairTask  # noqa: E402
 from registration.params import RegistrationSettings  # noqa: E402
 from registration.store import RegistrationStore  # noqa: E402
-from registration.synthetic import known_pair, random_affine, random_deformation, resample_to_grid  # noqa: E402
+from tests.synthetic import known_pair, random_affine, random_deformation, resample_to_grid  # noqa: E402
 
 log = logging.getLogger("benchmarks.registration")
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +286,7 @@ def main() -> None:
     datalist = args.demo / "datalist.json"
     if not datalist.exists():
         log.info("building the demo dataset in %s", args.demo)
-        subprocess.run([sys.executable, "-m", "monai_ssl.data.demo", "--out", str(args.demo)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "monai_ssl.demo", "--out", str(args.demo)], cwd=ROOT, check=True)
     demo = load_datalist(datalist)
     n = args.pairs or (2 if args.quick else 5)
     rng = np.random.default_rng(args.seed)

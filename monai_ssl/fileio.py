@@ -1,5 +1,6 @@
-"""Crash-safe file writing (every output is written to a temporary file, then renamed into place) and pinned
-downloads (a file fetched with ``pip download`` is moved into its cache only once its sha256 matches)."""
+"""Crash-safe file writing: every output is written to a temporary file, then renamed into place (NIfTI with
+header reuse, text, JSON), and the one file hash. Pinned downloads live with the demo's source
+(:mod:`monai_ssl.demo.source`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +19,6 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "file_sha256",
-    "check_sha256",
-    "pip_download_pinned",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,50 +122,3 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_sha256(path: Path, sha256: str, what: str, error: type[Exception], hint: str = "") -> None:
-    """Raise ``error`` naming ``path`` unless its sha256 is the pinned one; ``what`` says what it should be."""
-    actual = file_sha256(path)
-    if actual != sha256:
-        raise error(
-            f"{path}: sha256 {actual} does not match the pinned {sha256}; the file is corrupt or not {what}. "
-            f"Remove it and run again. {hint}"
-        )
-
-
-def pip_download_pinned(
-    requirement: str,
-    filename: str,
-    sha256: str,
-    cache: Path,
-    what: str,
-    error: type[Exception] = RuntimeError,
-    pip_args: tuple[str, ...] = (),
-    hint: str = "",
-) -> Path:
-    """``cache/filename``, fetched with ``pip download --no-deps requirement`` when absent and checked by hash.
-
-    pip downloads into a temporary folder inside the cache; the file is renamed into place only once its sha256
-    matches, so a killed or failed download never leaves a partial file. ``hint`` (how to get the file by hand)
-    ends every error message.
-    """
-    path = cache / filename
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
-        try:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"]
-            cmd += [*pip_args, requirement, "-d", str(tmp)]
-            logger.info("downloading %s into %s", filename, cache)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            got = tmp / filename
-            if proc.returncode != 0 or not got.exists():
-                detail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-                raise error(f"could not download {filename} with pip ({detail}). {hint}")
-            check_sha256(got, sha256, what, error, hint)
-            os.replace(got, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    check_sha256(path, sha256, what, error, hint)
-    return path

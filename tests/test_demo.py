@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monai_ssl.data import demo
+from monai_ssl import demo
 from monai_ssl.data.datalist import load_datalist
 
 CORTEX = demo.CLASS_NAMES.index("cortex")

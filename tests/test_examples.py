@@ -33,7 +33,7 @@ from fire.parser import DefaultParseValue
 from monai.bundle import ConfigParser, ckpt_export
 from monai.bundle import run as bundle_run
 
-from monai_ssl.data import demo
+from monai_ssl import demo
 from monai_ssl.data.__main__ import build_parser as data_parser
 from monai_ssl.data.converters import ACDC_LABELS, SYNAPSE_LABELS
 from monai_ssl.data.datalist import GROUPS, load_datalist
@@ -353,7 +353,7 @@ def test_walkthrough_commands_use_real_cli_options(name):
                 registration_parser().parse_args(argv[2:])
             elif argv and argv[0] == "examples/abdomen_ct/build_dataset.py":
                 _load_builder().build_parser().parse_args(argv[1:])
-            elif argv[:2] == ["-m", "monai_ssl.data.demo"]:
+            elif argv[:2] == ["-m", "monai_ssl.demo"]:
                 flags = {a.split("=")[0] for a in argv[2:] if a.startswith("--")}
                 assert flags <= {"--out", "--seed", "--cache", "--num-synthetic", "--force"}, where
                 assert "--out" in flags, where

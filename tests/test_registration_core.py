@@ -20,7 +20,7 @@ from registration.params import RegistrationSettings
 from registration.report import run_report
 from registration.select import Selection, run_select
 from registration.store import RegistrationStore
-from registration.synthetic import known_pair, phantom, random_affine, random_deformation, write_dataset
+from tests.synthetic import known_pair, phantom, random_affine, random_deformation, write_dataset
 
 SIZE, SPACING = (32, 32, 14), (1.5, 1.5, 3.0)
 PHANTOM_CLASSES = {"0": "background", "1": "body", "2": "a", "3": "b"}

@@ -19,7 +19,7 @@ from registration.inputs import InputError, check_files, load_cases
 from registration.jobs import HOOKS_ENV, precompute
 from registration.params import RegistrationSettings
 from registration.store import RegistrationStore
-from registration.synthetic import known_pair, phantom, random_affine, write_dataset
+from tests.synthetic import known_pair, phantom, random_affine, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")

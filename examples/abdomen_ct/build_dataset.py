@@ -6,7 +6,7 @@ fast model predicts for it (``example_seg_fast_force_split.nii.gz``). This scrip
 ``pip download`` (the archive is only read, never installed or built), checks its pinned sha256, remaps the
 labels to the 8 Synapse organs and, because there is a single real volume, makes a small semi-supervised set:
 the real volume is the labelled case; unlabelled, validation and test subjects are smooth random deformations
-of it (``monai_ssl.data.demo.random_smooth_deformation``). Every file is written atomically.
+of it (``monai_ssl.demo.random_smooth_deformation``). Every file is written atomically.
 
 Run ``python examples/abdomen_ct/build_dataset.py --out data/abdomen_ct [--cache DIR] [--seed S]
 [--num-unlabeled N]``; the cache defaults to ``$MONAI_SSL_CACHE`` or ``~/.cache/monai_ssl``.
@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from monai_ssl.data.converters import SYNAPSE_LABELS, remap_label_file
 from monai_ssl.data.datalist import write_datalist
-from monai_ssl.data.demo import default_cache_dir, random_smooth_deformation, warp_labels
-from monai_ssl.fileio import atomic_path, atomic_write_text, pip_download_pinned
+from monai_ssl.demo import default_cache_dir, pip_download_pinned, random_smooth_deformation, warp_labels
+from monai_ssl.fileio import atomic_path, atomic_write_text
 
 __all__ = [
     "TOTALSEG_VERSION",
@@ -168,7 +168,7 @@ def deform_ct(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """A smooth random deformation of a CT and its labels on the same grid: (image int16, labels, min Jacobian).
 
-    The sampling map comes from :func:`monai_ssl.data.demo.random_smooth_deformation` with the sizes of
+    The sampling map comes from :func:`monai_ssl.demo.random_smooth_deformation` with the sizes of
     :data:`DEFORMATION_MM`; intensities are interpolated linearly (edge values outside the field of view),
     labels with nearest neighbour (background outside).
     """

@@ -1,4 +1,5 @@
-"""Synthetic volumes and known transforms for the registration tests and accuracy benchmark.
+"""Test fixtures (not installed): synthetic volumes and known transforms for the registration tests and the
+registration accuracy benchmark.
 
 A "known pair" is built by resampling a moving volume through a known transform ``G``: the fixed volume is
 ``F(x) = M(G(x))``, so a correct registration (fixed=F, moving=M) returns ``T ~= G`` (fixed points -> moving
