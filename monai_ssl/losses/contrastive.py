@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -38,6 +37,10 @@ from monai_ssl.metrics.uncertainty import entropy
 from monai_ssl.networks.projector import ContrastProjector
 
 __all__ = [
+    "ContrastiveTerm",
+    "AnchorTerm",
+    "embed_students",
+    "zero_loss",
     "SCLTerm",
     "MCSCTerm",
     "MCSCv2Term",
@@ -290,12 +293,33 @@ def hard_negative_mask(probs: torch.Tensor, labels: torch.Tensor, rank_low: int,
 
 
 # ---- terms -------------------------------------------------------------------------------------------------
-class _ContrastiveTerm(LossTerm):
-    """Shared plumbing: feature selection, projection, targets, and the zero loss that keeps the graph."""
+def embed_students(ctx: StepContext, projector: ContrastProjector, stride: int) -> torch.Tensor:
+    """Projected, normalised embeddings of every student at ``stride``: ``(S, B, D, *sp)``, labelled slices first."""
+    if ctx.features_l is None:
+        raise ValueError("contrastive terms need decoder features: the trainer did not provide any")
+    spatial = ctx.labeled["image"].shape[2:]
+    out = []
+    for k in range(ctx.num_students):
+        parts = [select_scale(ctx.features_l[k], spatial, stride)]
+        if ctx.features_u is not None and ctx.features_u[k] and ctx.features_u[k][0].shape[0] > 0:
+            parts.append(select_scale(ctx.features_u[k], spatial, stride))
+        out.append(projector(torch.cat(parts), student=k))
+    return torch.stack(out)
+
+
+def zero_loss(z: torch.Tensor) -> torch.Tensor:
+    """A zero loss attached to the graph (backward through a term that found nothing to contrast)."""
+    return z.sum() * 0.0
+
+
+class ContrastiveTerm(LossTerm):
+    """Base of the contrastive terms: decoder features requested, the default ramp-up, the unlabelled start."""
 
     needs_features = True
 
-    def __init__(self, name: str, weight: float | WeightSchedule | None, label_key: str, unlabeled_start: int):
+    def __init__(
+        self, name: str, weight: float | WeightSchedule | None, label_key: str = "label", unlabeled_start: int = 0
+    ):
         super().__init__(name, GaussianRampUp(0.1) if weight is None else weight)
         self.label_key = label_key
         self.unlabeled_start = int(unlabeled_start)
@@ -303,45 +327,14 @@ class _ContrastiveTerm(LossTerm):
     def use_unlabeled(self, ctx: StepContext) -> bool:
         return ctx.iteration >= self.unlabeled_start
 
-    @staticmethod
-    def embed(ctx: StepContext, projector: ContrastProjector, stride: int) -> torch.Tensor:
-        """Projected, normalised embeddings of every student at ``stride``: ``(S, B, D, *sp)``."""
-        if ctx.features_l is None:
-            raise ValueError("contrastive terms need decoder features: the trainer did not provide any")
-        spatial = ctx.labeled["image"].shape[2:]
-        out = []
-        for k in range(ctx.num_students):
-            parts = [select_scale(ctx.features_l[k], spatial, stride)]
-            if ctx.features_u is not None and ctx.features_u[k] and ctx.features_u[k][0].shape[0] > 0:
-                parts.append(select_scale(ctx.features_u[k], spatial, stride))
-            out.append(projector(torch.cat(parts), student=k))
-        return torch.stack(out)
 
-    @staticmethod
-    def zero(z: torch.Tensor) -> torch.Tensor:
-        """A zero loss attached to the graph (backward through a term that found nothing to contrast)."""
-        return z.sum() * 0.0
-
-    @staticmethod
-    def batch_values(ctx: StepContext, key: str) -> Any:
-        """``key`` of the labelled slices followed by the unlabelled ones (lists concatenate, tensors cat)."""
-        if key not in ctx.labeled:
-            raise ValueError(f"the batch has no {key!r}: REPS needs 2D slices from SliceDataset with PixelToWorldd")
-        lab = ctx.labeled[key]
-        unl = None if ctx.unlabeled is None or not ctx.logits_u or ctx.logits_u[0].shape[0] == 0 else ctx.unlabeled
-        if unl is None:
-            return list(lab) if not torch.is_tensor(lab) else lab
-        if torch.is_tensor(lab):
-            return torch.cat([lab, unl[key].to(lab.device)])
-        return list(lab) + list(unl[key])
-
-
-class _AnchorTerm(_ContrastiveTerm):
+class AnchorTerm(ContrastiveTerm):
     """Single-scale terms with anchors, class positives and InfoNCE (SCL, MCSCv2): projector and sampling sizes."""
 
     def __init__(
         self,
         in_channels: Sequence[int],
+        *,
         stride: int,
         num_anchors: int,
         num_negatives: int,
@@ -360,12 +353,12 @@ class _AnchorTerm(_ContrastiveTerm):
         self.num_anchors, self.num_negatives = int(num_anchors), int(num_negatives)
 
     @classmethod
-    def from_networks(cls, networks: Sequence[nn.Module], stride: int = 4, **kwargs) -> _AnchorTerm:
+    def from_networks(cls, networks: Sequence[nn.Module], stride: int = 4, **kwargs) -> AnchorTerm:
         """Build with ``in_channels`` read from the students' ``feature_strides`` / ``feature_channels``."""
         return cls([channels_at(n, stride) for n in networks], stride=stride, **kwargs)
 
 
-class SCLTerm(_AnchorTerm):
+class SCLTerm(AnchorTerm):
     """Supervised contrastive loss with class-balanced sampling and, optionally, REPS positives.
 
     At the decoder map of ``stride`` (default 4) of both students (see the module docstring for targets):
@@ -408,13 +401,14 @@ class SCLTerm(_AnchorTerm):
         unlabeled_start: int = 0,
     ):
         super().__init__(
-            in_channels, stride, num_anchors, num_negatives, threshold, temperature, hidden, out, name, weight,
-            label_key, unlabeled_start,
+            in_channels, stride=stride, num_anchors=num_anchors, num_negatives=num_negatives, threshold=threshold,
+            temperature=temperature, hidden=hidden, out=out, name=name, weight=weight, label_key=label_key,
+            unlabeled_start=unlabeled_start,
         )  # fmt: skip
         self.reps = reps
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
-        z = self.embed(ctx, self.projector, self.stride)
+        z = embed_students(ctx, self.projector, self.stride)
         tg = contrast_targets(ctx, self.stride, self.label_key)
         d = z.shape[2]
         flat = z.movedim(2, -1).reshape(-1, d)
@@ -441,12 +435,12 @@ class SCLTerm(_AnchorTerm):
         if self.reps is not None:
             self.reps.update(
                 F.normalize(z.detach().mean(dim=0), dim=1),
-                self.batch_values(ctx, "pixel_to_world"),
-                self.batch_values(ctx, "case_id"),
-                self.batch_values(ctx, "slice_index"),
+                ctx.batch_values("pixel_to_world"),
+                ctx.batch_values("case_id"),
+                ctx.batch_values("slice_index"),
                 self.stride,
             )
-        return self.zero(z) if loss is None else loss
+        return zero_loss(z) if loss is None else loss
 
     def _registration_positives(
         self, ctx: StepContext, z: torch.Tensor, anchor_idx: torch.Tensor, label_positives: torch.Tensor
@@ -456,13 +450,13 @@ class SCLTerm(_AnchorTerm):
         b, h, w = z.shape[1], z.shape[3], z.shape[4]
         rem = anchor_idx % (b * h * w)
         row, i, j = rem // (h * w), (rem // w) % h, rem % w
-        p2w = feature_pixel_to_world(self.batch_values(ctx, "pixel_to_world").to(z.device), self.stride)
+        p2w = feature_pixel_to_world(ctx.batch_values("pixel_to_world").to(z.device), self.stride)
         world = pixel_world(p2w[row], i, j)
-        src = self.reps.case_index(self.batch_values(ctx, "case_id")).to(z.device)[row]
+        src = self.reps.case_index(ctx.batch_values("case_id")).to(z.device)[row]
         return self.reps.positives(label_positives, src, world)
 
 
-class MCSCTerm(_ContrastiveTerm):
+class MCSCTerm(ContrastiveTerm):
     """MCSC: multi-scale, class-balanced supervised contrast of pixels within blocks, with cross-student labels.
 
     For each ``(stride, block)`` of ``scales`` (published: the stride-1 map in 19 x 19 blocks and the stride-8 map
@@ -531,7 +525,7 @@ class MCSCTerm(_ContrastiveTerm):
     def forward(self, ctx: StepContext) -> torch.Tensor:
         total, used, zs = None, 0, []
         for (stride, block), projector in zip(self.scales, self.projector, strict=True):
-            z = self.embed(ctx, projector, stride)
+            z = embed_students(ctx, projector, stride)
             zs.append(z)
             tg = contrast_targets(ctx, stride, self.label_key)
             labels = tg.labels.masked_fill(~tg.slice_mask(self.use_unlabeled(ctx)), -1)
@@ -539,7 +533,7 @@ class MCSCTerm(_ContrastiveTerm):
             if loss is not None:
                 total, used = (loss if total is None else total + loss), used + 1
         self.report(ctx, scales_used=used)
-        return sum(self.zero(z) for z in zs) if total is None else total
+        return sum(zero_loss(z) for z in zs) if total is None else total
 
     def _scale_loss(self, z: torch.Tensor, labels: torch.Tensor, block: int, num_classes: int) -> torch.Tensor | None:
         s, b, d = z.shape[:3]
@@ -568,7 +562,7 @@ class MCSCTerm(_ContrastiveTerm):
         return per_group[used_groups].mean() if bool(used_groups.any()) else None
 
 
-class MCSCv2Term(_AnchorTerm):
+class MCSCv2Term(AnchorTerm):
     """MCSCv2: certainty-guided anchors and per-class banks of hard negatives (U2PL-style rank rules).
 
     At the decoder map of ``stride`` of both students (targets as in the module docstring):
@@ -619,8 +613,9 @@ class MCSCv2Term(_AnchorTerm):
         if not 0 <= rank_low <= rank_high:
             raise ValueError(f"MCSCv2Term: need 0 <= rank_low <= rank_high, got {rank_low}, {rank_high}")
         super().__init__(
-            in_channels, stride, num_anchors, num_negatives, threshold, temperature, hidden, out, name, weight,
-            label_key, unlabeled_start,
+            in_channels, stride=stride, num_anchors=num_anchors, num_negatives=num_negatives, threshold=threshold,
+            temperature=temperature, hidden=hidden, out=out, name=name, weight=weight, label_key=label_key,
+            unlabeled_start=unlabeled_start,
         )  # fmt: skip
         self.beta = as_schedule(LinearSchedule(0.2, 0.0) if beta is None else beta)
         self.rank_low, self.rank_high = int(rank_low), int(rank_high)
@@ -637,7 +632,7 @@ class MCSCv2Term(_AnchorTerm):
         return mask
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
-        z = self.embed(ctx, self.projector, self.stride)
+        z = embed_students(ctx, self.projector, self.stride)
         tg = contrast_targets(ctx, self.stride, self.label_key)
         num_classes, d = tg.probs.shape[2], z.shape[2]
         if self.banks is None:
@@ -667,4 +662,4 @@ class MCSCv2Term(_AnchorTerm):
         )
         loss = mean_over_classes(losses, anchor_cls, has_negative)
         self.report(ctx, anchors=anchor_idx.numel(), beta=beta, pushed=sum(pushed))
-        return self.zero(z) if loss is None else loss
+        return zero_loss(z) if loss is None else loss

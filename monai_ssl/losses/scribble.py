@@ -36,12 +36,13 @@ from monai.losses import DiceLoss
 
 from monai_ssl.data.scribbles import IGNORE_INDEX
 from monai_ssl.losses.contrastive import (
-    _ContrastiveTerm,
     channels_at,
+    embed_students,
     info_nce,
     mean_over_classes,
     probs_at,
     sample_per_class,
+    zero_loss,
 )
 from monai_ssl.losses.memory import ClassFeatureQueues
 from monai_ssl.losses.schedules import WeightSchedule
@@ -296,7 +297,7 @@ class DualConsistencyTerm(_DualDecoderTerm):
 
     @staticmethod
     def batch_images(ctx: StepContext) -> torch.Tensor:
-        return _ContrastiveTerm.batch_values(ctx, "image")
+        return ctx.batch_values("image")
 
 
 class PixelContrastTerm(_DualDecoderTerm):
@@ -345,7 +346,7 @@ class PixelContrastTerm(_DualDecoderTerm):
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         student_ctx = ctx if ctx.num_students == 1 else self._one_student(ctx)
-        z = _ContrastiveTerm.embed(student_ctx, self.projector, self.stride)[0]  # (N, D, *sp)
+        z = embed_students(student_ctx, self.projector, self.stride)[0]  # (N, D, *sp)
         tg = self.targets(ctx)
         k, d = tg.main.shape[1], z.shape[1]
         if self.queues is None:
@@ -373,7 +374,7 @@ class PixelContrastTerm(_DualDecoderTerm):
         )
         loss = mean_over_classes(losses, anchor_cls, has_negative)
         self.report(ctx, anchors=anchor_idx.numel(), pushed=sum(pushed), alpha=tg.alpha)
-        return _ContrastiveTerm.zero(z) if loss is None else loss
+        return zero_loss(z) if loss is None else loss
 
     def _one_student(self, ctx: StepContext) -> StepContext:
         """A view of ``ctx`` holding only this term's student (the projector has one input)."""

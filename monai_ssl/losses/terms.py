@@ -52,6 +52,19 @@ class StepContext:
     def num_students(self) -> int:
         return len(self.logits_l)
 
+    def batch_values(self, key: str) -> Any:
+        """``key`` of the labelled slices followed by the unlabelled ones (lists concatenate, tensors cat): the
+        order of ``torch.cat([logits_l, logits_u])``, e.g. to pair embeddings with ``pixel_to_world``."""
+        if key not in self.labeled:
+            raise ValueError(f"the batch has no {key!r}: REPS needs 2D slices from SliceDataset with PixelToWorldd")
+        lab = self.labeled[key]
+        unl = None if self.unlabeled is None or not self.logits_u or self.logits_u[0].shape[0] == 0 else self.unlabeled
+        if unl is None:
+            return list(lab) if not torch.is_tensor(lab) else lab
+        if torch.is_tensor(lab):
+            return torch.cat([lab, unl[key].to(lab.device)])
+        return list(lab) + list(unl[key])
+
     def pseudo_labels(self, student: int) -> torch.Tensor:
         """Hard pseudo-labels ``(B, 1, ...)`` of one student on the unlabelled slices, without gradient."""
         key = f"pseudo_{student}"
