@@ -68,22 +68,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_test_hook(hook: str | None) -> None:
-    """Test hooks (set via ``REGISTRATION_TEST_HOOKS``, see registration.jobs): ``crash`` kills this worker
-    with SIGSEGV, ``sleep:<s>`` hangs for ``s`` seconds, ``hold:<s>`` hangs holding the GIL as an elastix call
-    does (libc ``sleep`` through ``ctypes.PyDLL``); they exist only to exercise isolation for real."""
-    if not hook:
-        return
-    if hook == "crash":
-        os.kill(os.getpid(), signal.SIGSEGV)
-    elif hook.startswith("sleep:"):
-        time.sleep(float(hook.split(":", 1)[1]))
-    elif hook.startswith("hold:"):
-        ctypes.PyDLL(None).sleep(int(hook.split(":", 1)[1]))
-    else:
-        raise ValueError(f"unknown test hook {hook!r}")
-
-
 def _read(itk, path: str):
     image = itk.imread(path, itk.F)
     arr = itk.array_view_from_image(image)
@@ -99,7 +83,6 @@ def register_pair(task: PairTask, threads: int = 1) -> dict[str, Any]:
 
     Returns the sidecar record. Raises on failure (the caller records it); nothing partial is left behind.
     """
-    run_test_hook(task.hook)
     configure_threads(threads)
     import itk
 

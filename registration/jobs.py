@@ -30,10 +30,9 @@ from registration.layout import Layout
 from registration.pairs import PairTask, is_finished, plan_pairs, read_sidecar, write_sidecar
 from registration.params import RegistrationSettings
 
-__all__ = ["JobSummary", "precompute", "write_manifest", "hooks_from_env", "HOOKS_ENV"]
+__all__ = ["JobSummary", "precompute", "write_manifest"]
 
 log = logging.getLogger("registration")
-HOOKS_ENV = "REGISTRATION_TEST_HOOKS"
 DEFAULT_TIMEOUT_S = {"affine": 300.0, "bspline": 1800.0}
 
 
@@ -53,12 +52,6 @@ class JobSummary:
             f"({self.seconds:.1f} s)"
         )
         return text + "".join(f"\n  FAILED {stem}: {why}" for stem, why in sorted(self.failed.items()))
-
-
-def hooks_from_env() -> dict[str, str]:
-    """Test hooks from ``REGISTRATION_TEST_HOOKS="F__M=crash,A__B=sleep:30"`` (see elastix.run_test_hook)."""
-    spec = os.environ.get(HOOKS_ENV, "").strip()
-    return dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
 
 
 def setup_logging(log_path: Path, level: int = logging.INFO) -> logging.Handler:
@@ -149,7 +142,7 @@ def precompute(
         handler = setup_logging(root / "precompute.log")
         try:
             cases.write(layout.cases_table)
-            tasks = plan_pairs(cases.training, cases.evaluation, pairs_dir, settings, hooks_from_env(), atlas_only)
+            tasks = plan_pairs(cases.training, cases.evaluation, pairs_dir, settings, atlas_only)
             todo = [t for t in tasks if not is_finished(t)]
             summary = JobSummary(total=len(tasks), skipped=len(tasks) - len(todo))
             log.info(

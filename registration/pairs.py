@@ -50,7 +50,6 @@ class PairTask:
     settings: RegistrationSettings
     attempt: int = 1
     fallback: bool = False
-    hook: str | None = None  # test hook, see registration.elastix.run_test_hook
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -85,23 +84,16 @@ def plan_pairs(
     evaluation: list[dict[str, Any]],
     pairs_dir: str | os.PathLike,
     settings: RegistrationSettings,
-    hooks: dict[str, str] | None = None,
     atlas_only: bool = False,
 ) -> list[PairTask]:
     """All ordered pairs among the training cases, plus both directions between each evaluation case and
     each labelled training case (for the registration-only baseline). ``atlas_only``: only the pairs with a
     labelled case on one side, all that ``select`` and ``report`` read (REPS's unlabelled pairs come from the
     affine kind)."""
-    hooks = hooks or {}
     tasks = []
 
     def add(f: dict[str, Any], m: dict[str, Any]) -> None:
-        stem = pair_stem(f["case_id"], m["case_id"])
-        tasks.append(
-            PairTask(
-                f["case_id"], m["case_id"], f["image"], m["image"], os.fspath(pairs_dir), settings, hook=hooks.get(stem)
-            )
-        )
+        tasks.append(PairTask(f["case_id"], m["case_id"], f["image"], m["image"], os.fspath(pairs_dir), settings))
 
     for f in training:
         for m in training:

@@ -145,7 +145,7 @@ def test_cctr_bundle_trains_with_registration_terms_and_logs_at_the_true_iterati
     ckpt = torch.load(out / "cctr" / "models" / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=False)
     # the contrastive projector is checkpointed with the students, and an optimiser steps it
     assert any("projector" in k for k in ckpt["loss_terms"])
-    assert len(ckpt["optimizer"]["items"]) == 3
+    assert len(ckpt["optimizer"]["param_groups"]) == 3  # a group per student and one for the projector
     steps: dict[str, list[int]] = {}
     for events in (out / "cctr").glob("events.out.tfevents.*"):
         acc = EventAccumulator(str(events))
@@ -169,7 +169,7 @@ def test_teacher_methods_train_and_checkpoint_their_teacher(tmp_path, tiny_regis
     assert int(ckpt["loss_terms"][f"{teacher_key}.updates"]) == 2  # the EMA teacher followed both steps
     # no optimiser for the frozen teacher: one AdamW per student only
     # one AdamW per student (the frozen teacher has none), plus one for hybrid's InfoNCE heads and denoiser
-    assert len(ckpt["optimizer"]["items"]) == (2 if method in ("hstf", "hybrid") else 1)
+    assert len(ckpt["optimizer"]["param_groups"]) == (2 if method in ("hstf", "hybrid") else 1)
     if method == "hybrid":  # evaluation refines with the trained denoiser (steps from the override, here 2)
         run("evaluating", config_file=configs("train.json", "evaluate.json", "methods/hybrid.json"),
             eval_groups=["validation"], refine_steps=2, refine_samples=2, **common)  # fmt: skip

@@ -404,8 +404,7 @@ def test_contrastive_terms_train_in_the_semi_supervised_trainer(tiny_datalist, k
     else:
         term = MCSCv2Term.from_networks(nets, stride=2, bank_size=64, hidden=16, out=8, weight=0.1)
     assert term.projector.first[0].in_channels == 8 if kind != "mcsc" else term.projector[1].first[0].in_channels == 16
-    # StudentOptimizers(nets, extra_modules=[term.projector]) makes 3 optimisers, which SemiSupervisedTrainer
-    # does not accept yet (one per network or one shared): one shared AdamW over students and projector
+    # one AdamW over students and projector, as student_optimizer(nets, extra_modules=[term.projector]) makes
     params = [p for m in (*nets, term.projector) for p in m.parameters()]
     optimizers = torch.optim.AdamW(params, lr=5e-3, weight_decay=5e-4)
     shared = term.projector.shared if kind != "mcsc" else term.projector[0].shared

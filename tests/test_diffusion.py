@@ -271,7 +271,7 @@ def test_bundle_trains_the_refiner_and_inference_refines_from_model_final(tmp_pa
     final = torch.load(out / "unet_ls" / "models" / "model_final.pt", map_location="cpu")
     assert any(k.startswith("refiner.denoiser.") for k in final)
     ckpt = torch.load(out / "unet_ls" / "models" / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=False)
-    assert len(ckpt["optimizer"]["items"]) == 2  # the student's and the refinement term's
+    assert len(ckpt["optimizer"]["param_groups"]) == 2  # the student's and the refinement term's
     infer = {k: v for k, v in common.items() if k != "batch_size"}
     infer.update(input_dir=str(data / "val.nii.gz"), output_dir=str(tmp_path / "pred"), uncertainty=True)
     bundle_run("run", config_file=configs("inference.json", "methods/unet_ls.json"), refine_steps=2, refine_samples=2,

@@ -54,6 +54,7 @@ def test_infonce_matches_hand_ntxent_when_views_align():
         logits_u=[x[2:]],
         features_l=[[f[:2] for f in feats]],
         features_u=[[f[2:] for f in feats]],
+        networks=[net],
     )
     with torch.no_grad():
         g = term.global_head(feats[0].mean(dim=(2, 3))).numpy()
@@ -68,7 +69,7 @@ def test_infonce_rejects_sizes_that_do_not_map_pixels_onto_pixels():
     term = InfoNCETerm([net], hidden=4, out=2)
     x = torch.randn(2, 1, 10, 10)
     _, feats = net.forward_features(x)
-    ctx = StepContext(0, 1, {"image": x}, None, [x], [x[:0]], [feats], None)
+    ctx = StepContext(0, 1, {"image": x}, None, [x], [x[:0]], [feats], None, [net])
     with pytest.raises(ValueError, match="not a multiple of 4"):
         term(ctx)
 

@@ -1,7 +1,7 @@
 """The batch job: input checks, failure isolation (crash, hang, bad volume), Dask.
 
-The pool's fork server imports elastix once per test process (~10 s). Test hooks (REGISTRATION_TEST_HOOKS)
-make a named pair crash its worker with SIGSEGV or hang, so the isolation paths run for real.
+The pool's fork server imports elastix once per test process (~10 s). Injected faults (tests/registration_faults.py,
+in a job subprocess) make a named pair crash its worker with SIGSEGV or hang, so the isolation paths run for real.
 """
 
 import json
@@ -16,9 +16,10 @@ import SimpleITK as sitk
 
 from registration.cli import main
 from registration.inputs import InputError, check_files, load_cases
-from registration.jobs import HOOKS_ENV, precompute
+from registration.jobs import precompute
 from registration.params import RegistrationSettings
 from registration.store import RegistrationStore
+from tests.registration_faults import faults_env
 from tests.synthetic import known_pair, phantom, random_affine, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,13 +131,15 @@ def test_help_documents_every_command(capsys):
         assert all(option in text for option in options), (command, text)
 
 
-def test_pool_isolates_crash_hang_and_bad_volume(tmp_path, monkeypatch, capsys):
+def test_pool_isolates_crash_hang_and_bad_volume(tmp_path):
     datalist = dataset(tmp_path, 3, bad="c3")
-    monkeypatch.setenv(HOOKS_ENV, "c1__c2=crash,c2__c1=sleep:120")
     out = tmp_path / "out"
     args = ["--datalist", str(datalist), "--out", str(out), "--kind", "affine", "--no-progress"]
-    rc = main(["precompute", *args, "--workers", "2", "--timeout", "15", "--fields"])
-    assert rc == 1
+    # a real job process whose workers crash on c1__c2 and hang on c2__c1 (tests/registration_faults_site)
+    proc = cli("precompute", *args, "--workers", "2", "--timeout", "15", "--fields",
+               env=faults_env("c1__c2=crash,c2__c1=sleep:120"))  # fmt: skip
+    printed, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1
     manifest = pd.read_csv(out / "affine" / "manifest.csv").set_index(["fixed", "moving"])
     assert len(manifest) == 12
     ok = {("c0", "c1"), ("c1", "c0"), ("c0", "c2"), ("c2", "c0")}
@@ -159,7 +162,6 @@ def test_pool_isolates_crash_hang_and_bad_volume(tmp_path, monkeypatch, capsys):
     store = RegistrationStore(out, "affine")
     pts = (store.affine_ras("c1") @ np.c_[np.random.default_rng(0).uniform(2, 10, (20, 3)), np.ones(20)].T)[:3].T
     np.testing.assert_allclose(store.field("c1", "c0").map_points(pts), store.map_points("c1", "c0", pts), atol=1e-3)
-    printed = capsys.readouterr().out
     assert "4 computed, 8 failed" in printed and "FAILED c1__c2: worker crashed (SIGSEGV)" in printed
     # selection goes on for the good cases and reports the one without usable pairs
     rc = main(["select", *args])

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from test_registration_job import cli, dataset
 
-from registration.jobs import HOOKS_ENV
+from tests.registration_faults import faults_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")
 
@@ -29,7 +29,7 @@ def _start_precompute(tmp_path, hook: str, finished: int):
     out = tmp_path / "out"
     pairs = out / "affine" / "pairs"
     args = ["precompute", "--datalist", str(datalist), "--out", str(out), "--kind", "affine", "--workers", "1"]
-    proc = cli(*args, env={**os.environ, HOOKS_ENV: hook})
+    proc = cli(*args, env=faults_env(hook))
     deadline = time.monotonic() + 150
     while len(list(pairs.glob("*.json"))) < finished and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -141,10 +141,10 @@ def test_pclmix_terms_on_a_step_context():
     label = torch.full((4, 1, 16, 16), IGNORE_INDEX)
     label[:, 0, 2:4, 2:12], label[:, 0, 8, 3:13], label[:, 0, 12:14, 5] = 0, 1, 2
     logits, features = net.forward_features(x)
-    ctx = StepContext(0, 10, {"image": x, "label": label}, None, [logits], [], [features], None)
-    con = DualConsistencyTerm([net])
+    ctx = StepContext(0, 10, {"image": x, "label": label}, None, [logits], [], [features], None, [net])
+    con = DualConsistencyTerm()
     ctr = PixelContrastTerm([net], stride=4, queue_size=64, num_anchors=8, num_negatives=8)
-    losses = [PartialCETerm(students=[net])(ctx), con(ctx), ctr(ctx)]
+    losses = [PartialCETerm()(ctx), con(ctx), ctr(ctx)]
     assert all(torch.isfinite(v) and v.requires_grad for v in losses)
     assert ctr.queues is not None and len(ctr.queues) > 0  # scribbled pixels filled the queues
     sum(losses).backward()

@@ -20,7 +20,7 @@ from monai_ssl.losses.teacher import (
 from monai_ssl.losses.terms import StepContext
 
 
-def ctx_u(image, logits_u, iteration=0, max_iterations=10):
+def ctx_u(image, logits_u, iteration=0, max_iterations=10, networks=()):
     return StepContext(
         iteration=iteration,
         max_iterations=max_iterations,
@@ -28,6 +28,7 @@ def ctx_u(image, logits_u, iteration=0, max_iterations=10):
         unlabeled={"image": image},
         logits_l=[logits[:0] for logits in logits_u],
         logits_u=logits_u,
+        networks=networks,
     )
 
 
@@ -116,9 +117,10 @@ def test_fixmatch_pseudo_labels_align_with_the_strong_view():
     # this asymmetric image would compare different pixels and change the value.
     torch.manual_seed(0)
     x = torch.randn(4, 1, 6, 6)
-    term = FixMatchTerm([Pointwise()], threshold=0.9, strength=0.0, use_teacher=False)
-    logits = Pointwise()(x)
-    ctx = ctx_u(x, [logits])
+    student = Pointwise()
+    term = FixMatchTerm([student], threshold=0.9, strength=0.0, use_teacher=False)
+    logits = student(x)
+    ctx = ctx_u(x, [logits], networks=[student])
     conf, y = torch.softmax(logits, 1).max(1)
     mask = (conf >= 0.9).float()
     expected = (F.cross_entropy(logits, y, reduction="none") * mask).sum() / mask.numel()
@@ -128,8 +130,9 @@ def test_fixmatch_pseudo_labels_align_with_the_strong_view():
 
 def test_fixmatch_is_zero_below_no_confident_pixel_and_uses_the_teacher():
     x = torch.full((2, 1, 4, 4), 0.01)  # probabilities near 0.5: nothing is confident
-    term = FixMatchTerm([Pointwise()], threshold=0.95)
-    assert term(ctx_u(x, [Pointwise()(x)])).item() == 0.0
+    student = Pointwise()
+    term = FixMatchTerm([student], threshold=0.95)
+    assert term(ctx_u(x, [student(x)], networks=[student])).item() == 0.0
     assert isinstance(term.teacher, EMATeacher)
 
 
@@ -237,6 +240,6 @@ def test_cross_scale_term_runs_on_3d_students():
     logits = predict_at_scales(nets[0], x, (1.0, 0.5))
     assert [tuple(v.shape) for v in logits] == [(2, 2, 8, 8, 4)] * 2
     term = CrossScaleTerm(nets, scales=(1.0, 0.5))
-    loss = term(ctx_u(x, [n(x) for n in nets]))
+    loss = term(ctx_u(x, [n(x) for n in nets], networks=nets))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in nets[1].parameters())

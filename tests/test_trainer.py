@@ -250,27 +250,39 @@ def test_trainer_rejects_inconsistent_setups(tmp_path):
         SemiSupervisedTrainer("cpu", 4, [], [net], [opt], [SupervisedTerm(), SupervisedTerm()])
 
 
-def test_student_optimizers_and_poly_schedulers_checkpoint_as_one_object():
-    from monai_ssl.engines.optim import PolySchedulers, StudentOptimizers
+def test_student_optimizer_has_a_group_per_student_and_steps_like_one_adamw_each():
+    from torch.optim.lr_scheduler import PolynomialLR
 
+    from monai_ssl.engines.optim import student_optimizer
+
+    torch.manual_seed(0)
     nets = [FeatureUNet(2, 1, 2, channels=(4, 8)), FeatureUNet(2, 1, 2, channels=(4, 8))]
-    opts = StudentOptimizers(nets)
-    assert [o.param_groups[0]["lr"] for o in opts] == [5e-4, 1e-4]
-    assert opts[0].param_groups[0]["weight_decay"] == 5e-4
-    sched = PolySchedulers(opts, total_iters=10, power=0.9)
+    head = torch.nn.Linear(3, 2)
+    head.bias.requires_grad_(False)  # frozen parameters are not optimised
+    opt = student_optimizer(nets, extra_modules=[head])
+    assert [g["lr"] for g in opt.param_groups] == [5e-4, 1e-4, 5e-4]
+    assert [len(g["params"]) for g in opt.param_groups[:2]] == [len(list(n.parameters())) for n in nets]
+    assert opt.param_groups[2]["params"] == [head.weight] and opt.param_groups[0]["weight_decay"] == 5e-4
+    # the same updates as one AdamW per student, under the same poly decay of every group
+    twins = [copy.deepcopy(n) for n in nets]
+    lrs = (5e-4, 1e-4)
+    separate = [torch.optim.AdamW(t.parameters(), lr=lr, weight_decay=5e-4) for t, lr in zip(twins, lrs, strict=True)]
+    sched = PolynomialLR(opt, total_iters=10, power=0.9)
+    separate_sched = [PolynomialLR(o, total_iters=10, power=0.9) for o in separate]
+    x = torch.randn(2, 1, 16, 16)
     for _ in range(3):
-        sched.step()
-    assert np.allclose(sched.get_last_lr(), [5e-4 * 0.7**0.9, 1e-4 * 0.7**0.9])
-    fresh_opts = StudentOptimizers(nets)
-    fresh = PolySchedulers(fresh_opts, total_iters=10)
-    fresh.load_state_dict(sched.state_dict())
-    fresh_opts.load_state_dict(opts.state_dict())
-    assert np.allclose(fresh.get_last_lr(), sched.get_last_lr())
-    assert np.allclose([o.param_groups[0]["lr"] for o in fresh_opts], sched.get_last_lr())
-    with pytest.raises(ValueError, match="holds 2 entries"):
-        PolySchedulers(StudentOptimizers(nets[:1]), 10).load_state_dict(sched.state_dict())
+        for o in (opt, *separate):
+            o.zero_grad()
+        (sum(n(x).square().mean() for n in nets) + sum(t(x).square().mean() for t in twins)).backward()
+        for o, s in ((opt, sched), *zip(separate, separate_sched, strict=True)):
+            o.step()
+            s.step()
+    for net, twin in zip(nets, twins, strict=True):
+        for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q)
+    assert np.allclose(sched.get_last_lr(), [5e-4 * 0.7**0.9, 1e-4 * 0.7**0.9, 5e-4 * 0.7**0.9])
     with pytest.raises(ValueError, match="learning rates"):
-        StudentOptimizers(nets, lrs=[1e-3])
+        student_optimizer(nets, lrs=[1e-3])
 
 
 def test_resumable_checkpoint_handler_flags_and_incompatible_checkpoint(tmp_path):

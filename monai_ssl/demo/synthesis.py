@@ -234,7 +234,11 @@ def class_means(
 def bias_field(
     shape: Sequence[int], affine: np.ndarray, rng: np.random.Generator, amplitude: float = 0.15, components: int = 4
 ) -> np.ndarray:
-    """Smooth multiplicative field in ``[1 - amplitude, 1 + amplitude]``: random low-frequency cosines in mm."""
+    """Smooth multiplicative field in ``[1 - amplitude, 1 + amplitude]``: random low-frequency cosines in mm.
+
+    Ours, not MONAI's ``RandBiasField`` (a polynomial in voxel indices): a field in mm is the same over the anatomy
+    whatever the grid, and drawing from the subject's one generator keeps the built data as they are.
+    """
     ijk = np.indices(shape, dtype=float).reshape(3, -1)
     xyz = np.asarray(affine)[:3, :3] @ ijk + np.asarray(affine)[:3, 3:4]
     f = np.zeros(xyz.shape[1])
@@ -248,7 +252,11 @@ def bias_field(
 
 
 def add_rician_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Magnitude of the image plus complex Gaussian noise (Rician), as in magnitude MR images."""
+    """Magnitude of the image plus complex Gaussian noise (Rician), as in magnitude MR images.
+
+    Ours, not MONAI's ``RandRicianNoise``: that draws from its own ``RandomState``; every draw of a subject comes
+    from the subject's one generator, so each subject is reproducible on its own and the demo data stay as built.
+    """
     real = image + rng.normal(0.0, sigma, size=image.shape)
     imag = rng.normal(0.0, sigma, size=image.shape)
     return np.sqrt(real**2 + imag**2).astype(np.float32)

@@ -105,8 +105,9 @@ class SemiSupervisedTrainer(Trainer):
         max_epochs: number of ignite epochs; training runs ``max_epochs * epoch_length`` iterations.
         train_data_loader: iterable of mixed batches (endless is fine).
         networks: the students; each needs ``forward`` and, for feature terms, ``forward_features``.
-        optimizers: the optimisers stepped every iteration (typically one per student, plus one for the loss
-            terms' own parameters such as contrastive projectors; see ``StudentOptimizers``).
+        optimizers: the optimiser(s) stepped every iteration (the bundles: one AdamW with a parameter group per
+            student plus one for the loss terms' own parameters such as contrastive projectors; see
+            :func:`~monai_ssl.engines.optim.student_optimizer`).
         loss_terms: the :class:`LossTerm` list that defines the method.
         epoch_length: iterations per ignite epoch (the validation / checkpoint interval).
         max_iterations: the run's exact length (default ``max_epochs * epoch_length``); with it, ``max_epochs``
@@ -250,6 +251,7 @@ class SemiSupervisedTrainer(Trainer):
             logits_u=[o[n_l:] for o in logits],
             features_l=None if features is None else [[f[:n_l] for f in fs] for fs in features],
             features_u=None if features is None else [[f[n_l:] for f in fs] for fs in features],
+            networks=list(engine.networks),
         )
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         total = x.new_zeros((), dtype=torch.float32)
@@ -292,8 +294,10 @@ class SemiSupervisedTrainer(Trainer):
         return engine.state.output
 
     def learning_rates(self) -> dict[str, float]:
-        """``lr_<i>``: the learning rate of every optimiser (first parameter group), in optimiser order."""
-        return {f"lr_{i}": float(o.param_groups[0]["lr"]) for i, o in enumerate(self.optimizers)}
+        """``lr_<i>``: the learning rate of every parameter group of every optimiser, in order (with
+        :func:`~monai_ssl.engines.optim.student_optimizer`: ``lr_k`` is student ``k``'s, then the terms' group)."""
+        groups = [g for o in self.optimizers for g in o.param_groups]
+        return {f"lr_{i}": float(g["lr"]) for i, g in enumerate(groups)}
 
     def _clip(self) -> None:
         if self.grad_clip is not None:

@@ -2,7 +2,7 @@
 
 All three are :class:`~monai_ssl.losses.terms.LossTerm` s that own a
 :class:`~monai_ssl.networks.projector.ContrastProjector` (attribute ``projector``; give it to
-``StudentOptimizers(extra_modules=[term.projector])``) and share one convention for targets:
+``student_optimizer(extra_modules=[term.projector])``) and share one convention for targets:
 
 * **Scale.** A term reads the decoder map of a given stride (``ceil(size / stride)`` pixels per axis) of every
   student, concatenating labelled and unlabelled slices. Labels are brought to that scale by nearest sampling at

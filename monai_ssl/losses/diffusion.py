@@ -40,7 +40,8 @@ class LinearNoiseSchedule(nn.Module):
     The buffers ``betas``, ``alphas``, ``alphabar`` and ``sigmas`` have ``T + 1`` entries, index ``t`` for step
     ``t``, with the clean step 0 first (``beta_0 = 0``, ``alphabar_0 = 1``, ``sigma_0 = 0``). They are float64 and
     persistent, so a checkpoint of a refiner trained with another ``T`` refuses to load instead of silently
-    mismatching. See the module docstring for the formulas.
+    mismatching. See the module docstring for the formulas. Ours, not MONAI's ``DDPMScheduler``: that one is not
+    an ``nn.Module`` (a checkpoint would neither carry nor check ``T``), has no clean step 0 and float32 betas.
 
     Args:
         num_timesteps: ``T``.
@@ -194,7 +195,7 @@ class DiffusionRefinementTerm(LossTerm):
     ``x_0 = 2 onehot(label) - 1``; per slice a step ``t`` uniform in ``1..T`` (drawn first), then ``eps ~ N(0, I)``;
     the loss is ``MSE(eps_hat, eps)``. The conditioning is the image and the students' mean softmax on the
     labelled slices, **detached**: the term never sends gradients into the students, only into the denoiser,
-    which ``StudentOptimizers(extra_modules=list(loss_terms))`` steps.
+    which ``student_optimizer(extra_modules=list(loss_terms))`` steps.
 
     Args:
         refiner: the :class:`DiffusionRefiner`; pass the ensemble's one (``"$@network.refiner"``) so that the

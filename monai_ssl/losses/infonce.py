@@ -35,7 +35,8 @@ class InfoNCETerm(LossTerm):
     """``global_weight * NT-Xent(global) + local_weight * NT-Xent(local)`` for student ``student``.
 
     Args:
-        students: the trainer's students (held by reference; only the projection heads are this term's own).
+        students: the trainer's students, read at construction for their channels (the second view runs through
+            ``ctx.networks``; only the projection heads are this term's own).
         name, weight: the term's name and weight or schedule.
         student: which student learns from this term.
         stride: the decoder map used for the local loss (its feature strides must include it); the input's
@@ -66,7 +67,6 @@ class InfoNCETerm(LossTerm):
     ):
         super().__init__(name, weight)
         students = list(students)
-        self._students = tuple(students)
         self.student, self.stride, self.pixels = int(student), int(stride), int(pixels)
         self.global_weight, self.local_weight = float(global_weight), float(local_weight)
         net = students[self.student]
@@ -90,7 +90,7 @@ class InfoNCETerm(LossTerm):
         if any(s % self.stride for s in spatial):
             raise ValueError(f"loss term {self.name!r}: input size {list(spatial)} is not a multiple of {self.stride}")
         view = FlipRotate.for_batch(x, self.generator)
-        _, feats_2 = self._students[self.student].forward_features(view.apply(self.jitter(x)))
+        _, feats_2 = ctx.networks[self.student].forward_features(view.apply(self.jitter(x)))
         loss = x.new_zeros(())
         if self.global_weight:
             loss = loss + self.global_weight * self.loss(self._global(feats_1[0]), self._global(feats_2[0]))

@@ -6,8 +6,8 @@ scribble. A method is ``l_sup + lambda_con * l_con + lambda_ctr * l_ctr``, three
 lambdas:
 
 * :class:`PartialCETerm` (``l_sup``): cross-entropy over scribbled pixels only, of the main decoder and, when the
-  students are given and one is a :class:`~monai_ssl.networks.dual_decoder.DualDecoderUNet`, also of its
-  auxiliary decoder (the mean of the two).
+  student is a :class:`~monai_ssl.networks.dual_decoder.DualDecoderUNet` whose auxiliary decoder ran this
+  iteration, also of that decoder (the mean of the two).
 * :class:`DualConsistencyTerm` (``l_con``): the dynamic pseudo-label (below) supervises both decoders on the
   batch (decoder-decoder consistency), and both decoders again on a **mixed** batch: images and pseudo-labels of
   the batch and of a shuffled copy of it are combined with random boxes (:func:`mix_batch`) and the mixed
@@ -194,7 +194,7 @@ def dual_decoder_targets(
 
 
 class _DualDecoderTerm(LossTerm):
-    """A term over student ``student`` (a dual-decoder network, held by reference) and the shared targets.
+    """A term over student ``student`` (a dual-decoder network, ``ctx.networks[student]``) and the shared targets.
 
     ``student``, ``label_key``, ``ignore_index`` and ``uncertainty_threshold`` (keyword arguments of every
     subclass) select the network and define the targets of :func:`dual_decoder_targets`.
@@ -206,34 +206,31 @@ class _DualDecoderTerm(LossTerm):
         self,
         name: str,
         weight: float | WeightSchedule,
-        students: Sequence[nn.Module],
         student: int = 0,
         label_key: str = "label",
         ignore_index: int = IGNORE_INDEX,
         uncertainty_threshold: float = 0.5,
     ):
         super().__init__(name, weight)
-        check_student(name, students, student)
-        self._network = (students[student],)  # a tuple: not registered, never checkpointed or optimised twice
         self.student, self.label_key, self.ignore_index = int(student), label_key, int(ignore_index)
         self.uncertainty_threshold = float(uncertainty_threshold)
 
-    @property
-    def network(self) -> nn.Module:
-        return self._network[0]
+    def network(self, ctx: StepContext) -> nn.Module:
+        check_student(self.name, ctx.networks, self.student)
+        return ctx.networks[self.student]
 
     def targets(self, ctx: StepContext) -> DualDecoderTargets:
         return dual_decoder_targets(
-            ctx, self.network, self.student, self.label_key, self.ignore_index, self.uncertainty_threshold
+            ctx, self.network(ctx), self.student, self.label_key, self.ignore_index, self.uncertainty_threshold
         )
 
 
 class PartialCETerm(LossTerm):
     """Partial cross-entropy: every student's CE over the scribbled pixels of the labelled slices, summed.
 
-    With ``students`` given, a dual-decoder student's loss is the mean of its main and auxiliary decoders' (when
-    its training ``forward_features`` ran this iteration, i.e. in a method with a feature term); otherwise, and
-    for other networks, the main decoder's alone.
+    A dual-decoder student's loss is the mean of its main and auxiliary decoders' when its training
+    ``forward_features`` ran this iteration (a method with a feature term, e.g. PCLMix); otherwise (e.g. PCE
+    alone), and for other networks, the main decoder's alone.
     """
 
     def __init__(
@@ -242,11 +239,9 @@ class PartialCETerm(LossTerm):
         weight: float | WeightSchedule = 1.0,
         label_key: str = "label",
         ignore_index: int = IGNORE_INDEX,
-        students: Sequence[nn.Module] | None = None,
     ):
         super().__init__(name, weight)
         self.label_key, self.ignore_index = label_key, int(ignore_index)
-        self._students = tuple(students or ())
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         target = ctx.labeled[self.label_key]
@@ -254,9 +249,7 @@ class PartialCETerm(LossTerm):
         total = ctx.logits_l[0].new_zeros(())
         for k, logits in enumerate(ctx.logits_l):
             loss = partial_cross_entropy(logits, target, self.ignore_index)
-            aux = (
-                auxiliary_logits(self._students[k], _batch_logits(ctx, k).shape[0]) if k < len(self._students) else None
-            )
+            aux = auxiliary_logits(ctx.networks[k], _batch_logits(ctx, k).shape[0]) if k < len(ctx.networks) else None
             if aux is not None:
                 loss = 0.5 * (loss + partial_cross_entropy(aux[:n_l], target, self.ignore_index))
             total = total + loss
@@ -273,14 +266,13 @@ class DualConsistencyTerm(_DualDecoderTerm):
 
     def __init__(
         self,
-        students: Sequence[nn.Module],
         name: str = "con",
         weight: float | WeightSchedule = 0.5,
         area: tuple[float, float] = (0.25, 0.5),
         seed: int = 0,
         **kwargs: Any,
     ):
-        super().__init__(name, weight, students, **kwargs)
+        super().__init__(name, weight, **kwargs)
         self.area = (float(area[0]), float(area[1]))
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
         self.generator = torch.Generator().manual_seed(seed)
@@ -292,7 +284,7 @@ class DualConsistencyTerm(_DualDecoderTerm):
         tg = self.targets(ctx)
         x = self.batch_images(ctx)
         mixed = mix_batch(x, tg.pseudo, area=self.area, generator=self.generator)
-        mix_main, mix_aux, _ = self.network.forward_both(mixed.image)
+        mix_main, mix_aux, _ = self.network(ctx).forward_both(mixed.image)
         return self.pair(tg.main, tg.aux, tg.pseudo) + self.pair(mix_main, mix_aux, mixed.label)
 
     @staticmethod
@@ -328,11 +320,12 @@ class PixelContrastTerm(_DualDecoderTerm):
         out: int = 32,
         **kwargs: Any,
     ):
-        super().__init__(name, weight, students, **kwargs)
+        super().__init__(name, weight, **kwargs)
+        check_student(name, students, self.student)
         self.stride, self.temperature = int(stride), float(temperature)
         self.num_anchors, self.num_negatives = int(num_anchors), int(num_negatives)
         self.queue_size, self.push_fraction = int(queue_size), float(push_fraction)
-        self.projector = ContrastProjector([channels_at(self.network, self.stride)], hidden=hidden, out=out)
+        self.projector = ContrastProjector([channels_at(students[self.student], self.stride)], hidden=hidden, out=out)
         self.queues: ClassFeatureQueues | None = None
 
     def confirmed_at_scale(self, tg: DualDecoderTargets) -> torch.Tensor:
@@ -382,5 +375,5 @@ class PixelContrastTerm(_DualDecoderTerm):
         return StepContext(
             ctx.iteration, ctx.max_iterations, ctx.labeled, ctx.unlabeled, [ctx.logits_l[s]],
             [ctx.logits_u[s]] if ctx.logits_u else [], [ctx.features_l[s]],
-            None if ctx.features_u is None else [ctx.features_u[s]],
+            None if ctx.features_u is None else [ctx.features_u[s]], [ctx.networks[s]] if ctx.networks else (),
         )  # fmt: skip

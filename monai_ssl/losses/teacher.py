@@ -48,7 +48,9 @@ class EMATeacher(nn.Module):
     ``a = min(1 - 1 / (n + 1), decay)`` when ``warmup`` (early teachers follow the student closely), else
     ``a = decay``. Buffers (batch-norm statistics) are copied from the student. ``forward`` runs without
     gradient, in the student's current train/eval mode (noise and dropout active while training, as in MT).
-    A teacher shared by several terms is updated once per iteration.
+    A teacher shared by several terms is updated once per iteration. Ours, not torch's ``AveragedModel`` or ignite's
+    ``EMAHandler``: those have a constant (or linearly warmed) momentum, not MT's ``1 - 1/(n+1)``, and the teacher
+    must be a submodule of the term so that the term's checkpoint carries it.
     """
 
     def __init__(self, student: nn.Module, decay: float = 0.99, warmup: bool = True):
@@ -93,7 +95,8 @@ class EMATeacher(nn.Module):
 
 
 class _TeacherTerm(LossTerm):
-    """A term with students held by reference and an EMA teacher of student ``student`` (or a shared one)."""
+    """A term with an EMA teacher of student ``student`` (or a shared one); ``students`` are read at construction
+    only, to copy the teacher from; forward passes of students go through ``ctx.networks``."""
 
     needs_unlabeled = True
 
@@ -109,7 +112,6 @@ class _TeacherTerm(LossTerm):
         super().__init__(name, weight)
         students = list(students)
         check_student(name, students, student)
-        self._students = tuple(students)
         self.student = int(student)
         self.teacher = teacher if teacher is not None else EMATeacher(students[student], decay)
 
@@ -202,7 +204,7 @@ class FixMatchTerm(_TeacherTerm):
         logits = self.teacher(x) if self.use_teacher else ctx.logits_u[self.student].detach()
         confidence, pseudo = torch.softmax(logits.float(), dim=1).max(dim=1)
         view = FlipRotate.for_batch(x, self.generator)
-        strong_logits = view.invert(self._students[self.student](self.strong(view.apply(x))))
+        strong_logits = view.invert(ctx.networks[self.student](self.strong(view.apply(x))))
         mask = (confidence >= self.threshold).to(strong_logits.dtype)
         self.report(ctx, confident_fraction=mask.mean())
         ce = F.cross_entropy(strong_logits, pseudo, reduction="none")
@@ -291,7 +293,7 @@ class CrossScaleTerm(_TeacherTerm):
         labels, stable = self.refined_labels(x)
         self.report(ctx, stable_fraction=stable.float().mean())
         loss = x.new_zeros(())
-        for k, net in enumerate(self._students):
+        for k, net in enumerate(ctx.networks):
             logits = ctx.logits_u[k]
             probs = [torch.softmax(p, dim=1) for p in [logits, *predict_at_scales(net, x, others)]]
             loss = loss + scale_consistency(probs)

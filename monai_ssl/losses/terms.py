@@ -8,6 +8,7 @@ logs both under ``term.name``. Methods are lists of terms: UNet-LS is ``[Supervi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,9 @@ class StepContext:
     """Everything a loss term may read in one training iteration.
 
     ``logits_l[k]`` / ``logits_u[k]`` are student ``k``'s logits on the labelled / unlabelled slices;
-    ``features_l[k]`` / ``features_u[k]`` its decoder features (coarsest first) when a term asked for them.
+    ``features_l[k]`` / ``features_u[k]`` its decoder features (coarsest first) when a term asked for them;
+    ``networks[k]`` is student ``k`` itself, for a term that needs another forward pass (a strong view, another
+    scale, a mixed batch): terms run students only through the context, never through references they hold.
     ``cache`` lets terms share derived tensors (e.g. pseudo-labels) within the iteration; ``scalars`` collects the
     terms' diagnostics (:meth:`LossTerm.report`), which the trainer logs.
     """
@@ -45,6 +48,7 @@ class StepContext:
     logits_u: list[torch.Tensor]
     features_l: list[list[torch.Tensor]] | None = None
     features_u: list[list[torch.Tensor]] | None = None
+    networks: Sequence[nn.Module] = ()
     cache: dict[str, Any] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
 
