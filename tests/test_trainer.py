@@ -310,6 +310,15 @@ def test_resumable_checkpoint_handler_flags_and_incompatible_checkpoint(tmp_path
     handler.save_dict["trainer"] = trainer
     with pytest.raises(RuntimeError, match="different configuration"):
         handler.load_latest(trainer)
+    # the optimiser state of the earlier one-AdamW-per-student format: refused with the file named, not a KeyError
+    net = FeatureUNet(2, 1, 2, channels=(4, 8))
+    opt = torch.optim.AdamW(net.parameters())
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"net": net.state_dict(), "optimizer": {"items": [opt.state_dict()]}}, old / "checkpoint_iteration=2.pt")
+    handler = ResumableCheckpointHandler(old, {"net": net, "optimizer": opt}, 2)
+    with pytest.raises(RuntimeError, match=r"checkpoint_iteration=2\.pt: cannot resume .*different configuration"):
+        handler.load_latest(trainer)
 
 
 def test_resume_refuses_a_checkpoint_of_a_run_with_another_length(tmp_path):

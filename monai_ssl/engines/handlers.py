@@ -118,7 +118,7 @@ class ResumableCheckpointHandler:
             logger.warning("%s has no %s: resuming without them", path, ", ".join(absent))
         try:
             CheckpointLoader(load_path=str(path), load_dict=load, map_location=engine.state.device)(engine)
-        except (RuntimeError, ValueError) as e:  # ValueError: an entry of this run is not in the checkpoint
+        except (RuntimeError, ValueError, KeyError) as e:  # an entry missing, or saved in another format
             raise RuntimeError(
                 f"{path}: cannot resume from this checkpoint, it was written by a different configuration "
                 f"({str(e).splitlines()[0]}). Use another output folder or pass --resume False to start afresh."
