@@ -80,6 +80,10 @@ def test_metadata_verifies_offline_against_repo_schema():
         jsonschema.validate(meta, schema)
 
 
+# methods whose terms own trainable parameters (projectors, InfoNCE heads, the diffusion refiner)
+TERMS_WITH_PARAMETERS = {"cctr", "cts_scl", "mcsc", "mcscv2", "pclmix", "hybrid"}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_check_properties_train_and_inference(method, tiny_registered):
     overrides = dict(
@@ -98,6 +102,13 @@ def test_check_properties_train_and_inference(method, tiny_registered):
         )
         wf.initialize()
         assert wf.check_properties() == [], (workflow_type, method)
+        if workflow_type == "train":
+            assert "@network.networks" not in json.dumps(wf.parser.get("loss_terms")), method  # terms never name them
+            terms = wf.parser.get_parsed_content("bound_loss_terms")
+            own = [id(p) for t in terms for p in t.parameters() if p.requires_grad]
+            groups = wf.parser.get_parsed_content("optimizer").param_groups
+            assert set(own) <= {id(p) for g in groups for p in g["params"]}, method  # bound before the optimiser
+            assert bool(own) == (method in TERMS_WITH_PARAMETERS), method
 
 
 def test_evaluation_preprocesses_with_the_datalist_modality(tmp_path):

@@ -22,7 +22,7 @@ from monai_ssl.losses.contrastive import (
 )
 from monai_ssl.losses.reps import AffineCorrespondences, RegistrationPositives
 from monai_ssl.losses.schedules import GaussianRampUp
-from monai_ssl.losses.terms import StepContext
+from monai_ssl.losses.terms import StepContext, bind_terms
 
 REPO = Path(__file__).resolve().parents[1]
 TAU = 0.1
@@ -398,11 +398,13 @@ def test_contrastive_terms_train_in_the_semi_supervised_trainer(tiny_datalist, k
     if kind == "scl_reps":
         ids = ["lab", "u0", "u1"]  # same grid for all tiny volumes: identity correspondences
         corr = AffineCorrespondences(ids, {(a, b): np.eye(4) for a in ids for b in ids if a != b})
-        term = SCLTerm.from_networks(nets, stride=2, reps=RegistrationPositives(corr, capacity=8), hidden=16, out=8)
+        term = SCLTerm(stride=2, reps=RegistrationPositives(corr, capacity=8), hidden=16, out=8)
     elif kind == "mcsc":
-        term = MCSCTerm.from_networks(nets, scales=[(1, 8), (4, 4)], hidden=16, out=8, weight=0.1)
+        term = MCSCTerm(scales=[(1, 8), (4, 4)], hidden=16, out=8, weight=0.1)
     else:
-        term = MCSCv2Term.from_networks(nets, stride=2, bank_size=64, hidden=16, out=8, weight=0.1)
+        term = MCSCv2Term(stride=2, bank_size=64, hidden=16, out=8, weight=0.1)
+    assert term.projector is None  # built from the students' channels when bound
+    bind_terms([term], nets)
     assert term.projector.first[0].in_channels == 8 if kind != "mcsc" else term.projector[1].first[0].in_channels == 16
     # one AdamW over students and projector, as student_optimizer(nets, extra_modules=[term.projector]) makes
     params = [p for m in (*nets, term.projector) for p in m.parameters()]

@@ -8,7 +8,7 @@ import torch
 
 from monai_ssl.data.label_noise import write_noisy_datalist
 from monai_ssl.losses.dale import DALETerm, LabelConfidence, class_moments, fuzzy_partition, gaussian_w2
-from monai_ssl.losses.terms import StepContext
+from monai_ssl.losses.terms import StepContext, bind_terms
 from monai_ssl.networks import FeatureUNet
 from tests.test_bundle import CONFIGS, TINY
 from tests.test_trainer import tiny_dataset
@@ -111,8 +111,8 @@ def labelled_ctx(nets, image, label, iteration=0, extra=None):
 
 def test_ignored_pixels_give_no_gradient_and_phases_alternate():
     nets = [tiny_net(0), tiny_net(1)]
-    term = DALETerm(nets, 3, ignore_index=255, warmup_iterations=2, stable_iterations=1, fuzzy_iterations=2,
-                    min_pixels=1.0)  # fmt: skip
+    term = DALETerm(3, ignore_index=255, warmup_iterations=2, stable_iterations=1, fuzzy_iterations=2, min_pixels=1.0)
+    bind_terms([term], nets)
     assert [term.phase(i) for i in range(7)] == ["stable"] * 3 + ["fuzzy"] * 2 + ["stable", "fuzzy"]
     image = torch.rand(2, 1, 8, 8)
     label = torch.randint(0, 3, (2, 1, 8, 8))
@@ -141,7 +141,8 @@ def test_ignored_pixels_give_no_gradient_and_phases_alternate():
 def test_term_keys_the_memory_with_pixel_to_world():
     net = tiny_net()
     affine = np.diag([1.5, 1.5, 3.0, 1.0])
-    term = DALETerm([net], 3, grids={"lab": (affine, (8, 8, 2))}, align_weight=0.0)
+    term = DALETerm(3, grids={"lab": (affine, (8, 8, 2))}, align_weight=0.0)
+    bind_terms([term], [net])
     base = torch.tensor(affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1.0]]))
     extra = {"pixel_to_world": base[None], "case_id": ["lab"]}
     ctx = labelled_ctx([net], torch.rand(1, 1, 8, 8), torch.randint(0, 3, (1, 1, 8, 8)), extra=extra)
@@ -191,9 +192,8 @@ def test_term_wraps_any_per_pixel_loss():
 
     net = tiny_net()
     image, label = torch.rand(2, 1, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
-    focal = DALETerm(
-        [net], 3, lambda_dice=0.0, pixel_loss=FocalLoss(reduction="none", to_onehot_y=True, use_softmax=True)
-    )
-    ce = DALETerm([net], 3, lambda_dice=0.0)
+    focal = DALETerm(3, lambda_dice=0.0, pixel_loss=FocalLoss(reduction="none", to_onehot_y=True, use_softmax=True))
+    ce = DALETerm(3, lambda_dice=0.0)
+    bind_terms([focal, ce], [net])
     a, b = focal(labelled_ctx([net], image, label)), ce(labelled_ctx([net], image, label))
     assert torch.isfinite(a) and 0 < a.item() < b.item()  # focal down-weights every pixel's CE

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from monai_ssl.losses.infonce import InfoNCETerm
 from monai_ssl.losses.schedules import WarmupWeight
-from monai_ssl.losses.terms import StepContext
+from monai_ssl.losses.terms import StepContext, bind_terms
 
 
 class Equivariant(nn.Module):
@@ -42,7 +42,8 @@ def np_ntxent(a, b, tau):
 def test_infonce_matches_hand_ntxent_when_views_align():
     torch.manual_seed(0)
     net = Equivariant()
-    term = InfoNCETerm([net], pixels=10_000, hidden=8, out=5, strength=0.0, temperature=0.5)
+    term = InfoNCETerm(pixels=10_000, hidden=8, out=5, strength=0.0, temperature=0.5)
+    bind_terms([term], [net])
     x = torch.randn(4, 1, 8, 8)
     _, feats = net.forward_features(x)
     ctx = StepContext(
@@ -66,7 +67,8 @@ def test_infonce_matches_hand_ntxent_when_views_align():
 
 def test_infonce_rejects_sizes_that_do_not_map_pixels_onto_pixels():
     net = Equivariant()
-    term = InfoNCETerm([net], hidden=4, out=2)
+    term = InfoNCETerm(hidden=4, out=2)
+    bind_terms([term], [net])
     x = torch.randn(2, 1, 10, 10)
     _, feats = net.forward_features(x)
     ctx = StepContext(0, 1, {"image": x}, None, [x], [x[:0]], [feats], None, [net])

@@ -21,7 +21,7 @@ from monai_ssl.losses.scribble import (
     mix_batch,
     partial_cross_entropy,
 )
-from monai_ssl.losses.terms import StepContext
+from monai_ssl.losses.terms import StepContext, bind_terms
 from monai_ssl.networks import build_network
 from tests.test_trainer import tiny_dataset
 
@@ -143,7 +143,8 @@ def test_pclmix_terms_on_a_step_context():
     logits, features = net.forward_features(x)
     ctx = StepContext(0, 10, {"image": x, "label": label}, None, [logits], [], [features], None, [net])
     con = DualConsistencyTerm()
-    ctr = PixelContrastTerm([net], stride=4, queue_size=64, num_anchors=8, num_negatives=8)
+    ctr = PixelContrastTerm(stride=4, queue_size=64, num_anchors=8, num_negatives=8)
+    bind_terms([ctr], [net])
     losses = [PartialCETerm()(ctx), con(ctx), ctr(ctx)]
     assert all(torch.isfinite(v) and v.requires_grad for v in losses)
     assert ctr.queues is not None and len(ctr.queues) > 0  # scribbled pixels filled the queues

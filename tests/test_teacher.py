@@ -17,7 +17,12 @@ from monai_ssl.losses.teacher import (
     predict_at_scales,
     scale_consistency,
 )
-from monai_ssl.losses.terms import StepContext
+from monai_ssl.losses.terms import LossTerm, StepContext, bind_terms
+
+
+def bound(term: LossTerm, students) -> LossTerm:
+    """``term`` bound to ``students`` (teacher copied from its student), as the trainer's config does."""
+    return bind_terms([term], students)[0]
 
 
 def ctx_u(image, logits_u, iteration=0, max_iterations=10, networks=()):
@@ -79,7 +84,7 @@ def test_ema_update_arithmetic():
 
 def test_ema_teacher_state_is_checkpointed_and_not_optimised():
     student = Scalar(1.0)
-    term = MeanTeacherTerm([student], decay=0.5)
+    term = bound(MeanTeacherTerm(decay=0.5), [student])
     keys = set(nn.ModuleList([term]).state_dict())
     assert {"0.teacher.model.w", "0.teacher.updates"} <= keys
     assert not any(k.startswith("0._students") for k in keys)
@@ -89,7 +94,7 @@ def test_ema_teacher_state_is_checkpointed_and_not_optimised():
 def test_mean_teacher_loss_is_mse_to_the_teacher():
     torch.manual_seed(0)
     student = Pointwise()
-    term = MeanTeacherTerm([student], noise_std=0.0)
+    term = bound(MeanTeacherTerm(noise_std=0.0), [student])
     x = torch.randn(2, 1, 4, 4)
     logits = torch.randn(2, 2, 4, 4)
     expected = ((torch.softmax(logits, 1) - torch.softmax(Pointwise()(x), 1)) ** 2).mean()
@@ -100,7 +105,7 @@ def test_uamt_masks_uncertain_pixels():
     # teacher logits: confident pixel (6, -6) and a perfectly uncertain one (0, 0) whose entropy is ln 2
     x = torch.tensor([[[[2.0, 0.0]]]])
     student_logits = torch.tensor([[[[0.0, 0.0]], [[0.0, 0.0]]]])  # softmax 0.5 everywhere
-    term = MeanTeacherTerm([Pointwise()], noise_std=0.0, uncertainty=True, mc_samples=2)
+    term = bound(MeanTeacherTerm(noise_std=0.0, uncertainty=True, mc_samples=2), [Pointwise()])
     # threshold at iteration 0 of 10: (0.75 + 0.25 exp(-5)) ln 2 < ln 2, so only pixel 0 counts
     assert term.threshold(0, 10, 2) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
     ctx = ctx_u(x, [student_logits])
@@ -118,7 +123,7 @@ def test_fixmatch_pseudo_labels_align_with_the_strong_view():
     torch.manual_seed(0)
     x = torch.randn(4, 1, 6, 6)
     student = Pointwise()
-    term = FixMatchTerm([student], threshold=0.9, strength=0.0, use_teacher=False)
+    term = bound(FixMatchTerm(threshold=0.9, strength=0.0, use_teacher=False), [student])
     logits = student(x)
     ctx = ctx_u(x, [logits], networks=[student])
     conf, y = torch.softmax(logits, 1).max(1)
@@ -131,7 +136,7 @@ def test_fixmatch_pseudo_labels_align_with_the_strong_view():
 def test_fixmatch_is_zero_below_no_confident_pixel_and_uses_the_teacher():
     x = torch.full((2, 1, 4, 4), 0.01)  # probabilities near 0.5: nothing is confident
     student = Pointwise()
-    term = FixMatchTerm([student], threshold=0.95)
+    term = bound(FixMatchTerm(threshold=0.95), [student])
     assert term(ctx_u(x, [student(x)], networks=[student])).item() == 0.0
     assert isinstance(term.teacher, EMATeacher)
 
@@ -169,7 +174,7 @@ def test_cross_scale_keeps_only_stable_pixels():
                 out[:, 1, :, :4] = 3.0
             return out
 
-    term = CrossScaleTerm([Teacher()], scales=(1.0, 0.5), snapshot_interval=1)
+    term = bound(CrossScaleTerm(scales=(1.0, 0.5), snapshot_interval=1), [Teacher()])
     term.teacher.model = Teacher()
     term.snapshot = Teacher()
     labels, stable = term.refined_labels(torch.zeros(1, 1, 8, 8))
@@ -180,7 +185,7 @@ def test_cross_scale_keeps_only_stable_pixels():
 
 def test_cross_scale_snapshot_follows_the_teacher_at_its_interval():
     student = Scalar(1.0)
-    term = CrossScaleTerm([student], scales=(1.0, 0.5), snapshot_interval=2, decay=0.0, weight=1.0)
+    term = bound(CrossScaleTerm(scales=(1.0, 0.5), snapshot_interval=2, decay=0.0, weight=1.0), [student])
     student.w.data.fill_(5.0)
     term.step_completed(0)  # teacher -> 5 (decay 0 copies), snapshot not yet refreshed (iteration 1 of 2)
     assert term.teacher.model.w.item() == 5.0 and term.snapshot.w.item() == 1.0
@@ -210,11 +215,12 @@ def test_teacher_terms_train_in_the_trainer_and_skip_zero_weights():
     teacher = EMATeacher(nets[0], decay=0.9)
     terms = [
         SupervisedTerm(),
-        MeanTeacherTerm(nets, teacher=teacher, uncertainty=True, mc_samples=2),
-        FixMatchTerm(nets, teacher=teacher, threshold=0.0),
-        CrossScaleTerm(nets, scales=(1.0, 0.5), snapshot_interval=2),
-        InfoNCETerm(nets, weight=WarmupWeight(0.1, warmup_iterations=2), stride=4, pixels=32, hidden=8, out=4),
+        MeanTeacherTerm(teacher=teacher, uncertainty=True, mc_samples=2),
+        FixMatchTerm(teacher=teacher, threshold=0.0),
+        CrossScaleTerm(scales=(1.0, 0.5), snapshot_interval=2),
+        InfoNCETerm(weight=WarmupWeight(0.1, warmup_iterations=2), stride=4, pixels=32, hidden=8, out=4),
     ]
+    bind_terms(terms, nets)  # before the optimiser: InfoNCE's heads are created here
     initial = [p.clone() for p in teacher.model.parameters()]
     opts = [torch.optim.AdamW(n.parameters(), lr=1e-3) for n in nets]
     head = torch.optim.AdamW([p for t in terms for p in t.parameters() if p.requires_grad], lr=1e-3)
@@ -239,7 +245,7 @@ def test_cross_scale_term_runs_on_3d_students():
     x = torch.rand(2, 1, 8, 8, 4)
     logits = predict_at_scales(nets[0], x, (1.0, 0.5))
     assert [tuple(v.shape) for v in logits] == [(2, 2, 8, 8, 4)] * 2
-    term = CrossScaleTerm(nets, scales=(1.0, 0.5))
+    term = bound(CrossScaleTerm(scales=(1.0, 0.5)), nets)
     loss = term(ctx_u(x, [n(x) for n in nets], networks=nets))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in nets[1].parameters())

@@ -439,3 +439,25 @@ def test_amp_means_bf16_autocast_only_on_a_cpu_with_native_bf16(tmp_path, monkey
     trainer.run()
     assert conv_dtypes == [torch.bfloat16] * 2 and DtypeProbe.seen == [torch.float32] * 2
     assert next(net.parameters()).dtype == torch.float32  # master weights stay float32
+
+
+def test_terms_are_bound_once_and_unstepped_term_parameters_are_refused():
+    from monai_ssl.losses.infonce import InfoNCETerm
+    from monai_ssl.losses.teacher import MeanTeacherTerm
+    from monai_ssl.losses.terms import bind_terms
+
+    nets = [FeatureUNet(2, 1, 2, channels=(4, 8, 16), num_res_units=1)]
+    mt = MeanTeacherTerm()
+    assert mt.teacher is None
+    bind_terms([mt], nets)
+    teacher = mt.teacher
+    assert torch.equal(next(teacher.model.parameters()), next(nets[0].parameters()))  # copied from its student
+    bind_terms([mt], nets)
+    assert mt.teacher is teacher  # a second binding keeps the teacher (and its EMA state)
+    opt = torch.optim.AdamW(nets[0].parameters())
+    trainer = SemiSupervisedTrainer("cpu", 1, [], nets, opt, [SupervisedTerm(), mt])
+    assert trainer.loss_terms[1].teacher is teacher
+    with pytest.raises(ValueError, match="'infonce' has trainable parameters no optimiser steps"):
+        SemiSupervisedTrainer("cpu", 1, [], nets, opt, [SupervisedTerm(), InfoNCETerm(hidden=4, out=2)])
+    with pytest.raises(ValueError, match="student 1 out of range for 1 students"):
+        bind_terms([MeanTeacherTerm(student=1)], nets)

@@ -30,7 +30,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
-from monai_ssl.losses.terms import LossTerm, StepContext
+from monai_ssl.losses.terms import LossTerm, StepContext, bind_terms
 
 __all__ = ["SemiSupervisedTrainer", "prepare_mixed_batch", "loss_summary", "cpu_supports_bf16", "autocast_mode"]
 
@@ -108,7 +108,9 @@ class SemiSupervisedTrainer(Trainer):
         optimizers: the optimiser(s) stepped every iteration (the bundles: one AdamW with a parameter group per
             student plus one for the loss terms' own parameters such as contrastive projectors; see
             :func:`~monai_ssl.engines.optim.student_optimizer`).
-        loss_terms: the :class:`LossTerm` list that defines the method.
+        loss_terms: the :class:`LossTerm` list that defines the method. Terms not yet bound are bound to
+            ``networks`` here (:func:`~monai_ssl.losses.terms.bind_terms`); a term whose binding creates trainable
+            parameters must be bound before the optimiser is built, or the trainer refuses it.
         epoch_length: iterations per ignite epoch (the validation / checkpoint interval).
         max_iterations: the run's exact length (default ``max_epochs * epoch_length``); with it, ``max_epochs``
             becomes ``ceil(max_iterations / epoch_length)`` and the run stops at ``max_iterations``.
@@ -160,12 +162,17 @@ class SemiSupervisedTrainer(Trainer):
             raise ValueError("at least one network is needed")
         if not optimizers:
             raise ValueError("at least one optimiser is needed")
-        for term in loss_terms:
-            if len(networks) < term.min_students:
-                raise ValueError(f"loss term {term.name!r} needs {term.min_students} students, got {len(networks)}")
+        loss_terms = bind_terms(loss_terms, networks)
         names = [t.name for t in loss_terms]
         if len(set(names)) != len(names):
             raise ValueError(f"loss term names must be unique, got {names}")
+        stepped = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+        for term in loss_terms:
+            if any(p.requires_grad and id(p) not in stepped for p in term.parameters()):
+                raise ValueError(
+                    f"loss term {term.name!r} has trainable parameters no optimiser steps: build the optimiser after "
+                    "monai_ssl.losses.terms.bind_terms(loss_terms, networks), from the bound terms"
+                )
         super().__init__(
             device=device,
             max_epochs=max_epochs,

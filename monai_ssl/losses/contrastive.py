@@ -333,7 +333,7 @@ class AnchorTerm(ContrastiveTerm):
 
     def __init__(
         self,
-        in_channels: Sequence[int],
+        in_channels: Sequence[int] | None,
         *,
         stride: int,
         num_anchors: int,
@@ -348,14 +348,16 @@ class AnchorTerm(ContrastiveTerm):
         unlabeled_start: int,
     ):
         super().__init__(name, weight, label_key, unlabeled_start)
-        self.projector = ContrastProjector(in_channels, hidden=hidden, out=out)
         self.stride, self.threshold, self.temperature = int(stride), float(threshold), float(temperature)
         self.num_anchors, self.num_negatives = int(num_anchors), int(num_negatives)
+        self.hidden, self.out = int(hidden), int(out)
+        self.projector = None if in_channels is None else ContrastProjector(in_channels, hidden=hidden, out=out)
 
-    @classmethod
-    def from_networks(cls, networks: Sequence[nn.Module], stride: int = 4, **kwargs) -> AnchorTerm:
-        """Build with ``in_channels`` read from the students' ``feature_strides`` / ``feature_channels``."""
-        return cls([channels_at(n, stride) for n in networks], stride=stride, **kwargs)
+    def bind(self, networks: Sequence[nn.Module]) -> None:
+        """Build the projector from the students' channels at ``stride``, unless ``in_channels`` were given."""
+        if self.projector is None:
+            channels = [channels_at(n, self.stride) for n in networks]
+            self.projector = ContrastProjector(channels, hidden=self.hidden, out=self.out)
 
 
 class SCLTerm(AnchorTerm):
@@ -377,7 +379,8 @@ class SCLTerm(AnchorTerm):
     ``GaussianRampUp(0.1)``, like cross teaching.
 
     Args:
-        in_channels: each student's channels at ``stride`` (see :meth:`from_networks`).
+        in_channels: each student's channels at ``stride``; None (the bundles): read from the students when the
+            term is bound (:meth:`LossTerm.bind`).
         stride, num_anchors, num_negatives, threshold, temperature: as above.
         reps: registration positives (None: label positives only).
         hidden, out: projector widths (thesis: 256 -> 128).
@@ -386,7 +389,7 @@ class SCLTerm(AnchorTerm):
 
     def __init__(
         self,
-        in_channels: Sequence[int],
+        in_channels: Sequence[int] | None = None,
         stride: int = 4,
         num_anchors: int = 1000,
         num_negatives: int = 500,
@@ -481,7 +484,7 @@ class MCSCTerm(ContrastiveTerm):
     Deviation from the public code: anchors without positives are left out of the mean instead of counting as 0.
 
     Args:
-        in_channels: per scale, each student's channels (see :meth:`from_networks`).
+        in_channels: per scale, each student's channels; None (the bundles): read from the students when bound.
         scales: ``(stride, block)`` pairs.
         temperature, shuffle_blocks, skip_background_blocks, group_chunk: as above.
         hidden, out: projector widths.
@@ -491,7 +494,7 @@ class MCSCTerm(ContrastiveTerm):
 
     def __init__(
         self,
-        in_channels: Sequence[Sequence[int]],
+        in_channels: Sequence[Sequence[int]] | None = None,
         scales: Sequence[tuple[int, int]] = ((1, 19), (8, 14)),
         temperature: float = 0.1,
         shuffle_blocks: bool = True,
@@ -506,21 +509,25 @@ class MCSCTerm(ContrastiveTerm):
     ):
         super().__init__(name, weight, label_key, unlabeled_start)
         self.scales = [(int(s), int(b)) for s, b in scales]
-        if len(in_channels) != len(self.scales):
-            raise ValueError(f"MCSCTerm: {len(self.scales)} scales but {len(in_channels)} in_channels entries")
-        self.projector = nn.ModuleList(ContrastProjector(ch, hidden=hidden, out=out) for ch in in_channels)
+        self.hidden, self.out = int(hidden), int(out)
+        self.projector: nn.ModuleList | None = None
+        if in_channels is not None:
+            self._build_projectors(in_channels)
         self.temperature = float(temperature)
         self.shuffle_blocks, self.skip_background_blocks = shuffle_blocks, skip_background_blocks
         if group_chunk < 1:
             raise ValueError(f"MCSCTerm: group_chunk must be >= 1, got {group_chunk}")
         self.group_chunk = int(group_chunk)
 
-    @classmethod
-    def from_networks(
-        cls, networks: Sequence[nn.Module], scales: Sequence[tuple[int, int]] = ((1, 19), (8, 14)), **kwargs
-    ) -> MCSCTerm:
-        """Build with each scale's ``in_channels`` read from the students."""
-        return cls([[channels_at(n, s) for n in networks] for s, _ in scales], scales=scales, **kwargs)
+    def _build_projectors(self, in_channels: Sequence[Sequence[int]]) -> None:
+        if len(in_channels) != len(self.scales):
+            raise ValueError(f"MCSCTerm: {len(self.scales)} scales but {len(in_channels)} in_channels entries")
+        self.projector = nn.ModuleList(ContrastProjector(ch, hidden=self.hidden, out=self.out) for ch in in_channels)
+
+    def bind(self, networks: Sequence[nn.Module]) -> None:
+        """Build each scale's projector from the students' channels, unless ``in_channels`` were given."""
+        if self.projector is None:
+            self._build_projectors([[channels_at(n, s) for n in networks] for s, _ in self.scales])
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         total, used, zs = None, 0, []
@@ -592,7 +599,7 @@ class MCSCv2Term(AnchorTerm):
 
     def __init__(
         self,
-        in_channels: Sequence[int],
+        in_channels: Sequence[int] | None = None,
         stride: int = 4,
         num_anchors: int = 1000,
         num_negatives: int = 500,

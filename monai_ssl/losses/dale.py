@@ -250,7 +250,6 @@ class DALETerm(LossTerm):
     """Fuzzy-region alternating learning with label confidence and Gaussian W2 alignment (module docstring).
 
     Args:
-        students: the students (read for their feature channels; not registered, so never optimised twice).
         num_classes: classes including background.
         name, weight: as every term.
         volumes: the labelled training volumes (a dataset or volume dicts, see :func:`case_grids`) or ready
@@ -272,7 +271,6 @@ class DALETerm(LossTerm):
 
     def __init__(
         self,
-        students: Sequence[nn.Module],
         num_classes: int,
         name: str = "dale",
         weight: float | WeightSchedule = 1.0,
@@ -318,9 +316,13 @@ class DALETerm(LossTerm):
         self.confidence = (
             LabelConfidence(grids, confidence_momentum, confidence_temperature) if grids is not None else None
         )
-        self.strides = []
-        for i, net in enumerate(students):
-            stride = int(feature_stride) if feature_stride is not None else int(min(net.feature_strides))
+        self.feature_stride = None if feature_stride is None else int(feature_stride)
+        self.strides: list[int] = []
+
+    def bind(self, networks: Sequence[nn.Module]) -> None:
+        """One running stable mean / variance per class at each student's feature map (its channels)."""
+        for i, net in enumerate(networks):
+            stride = self.feature_stride if self.feature_stride is not None else int(min(net.feature_strides))
             channels = channels_at(net, stride)
             self.strides.append(stride)
             self.register_buffer(f"stable_mean_{i}", torch.zeros(self.num_classes, channels))

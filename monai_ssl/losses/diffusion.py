@@ -195,7 +195,7 @@ class DiffusionRefinementTerm(LossTerm):
     ``x_0 = 2 onehot(label) - 1``; per slice a step ``t`` uniform in ``1..T`` (drawn first), then ``eps ~ N(0, I)``;
     the loss is ``MSE(eps_hat, eps)``. The conditioning is the image and the students' mean softmax on the
     labelled slices, **detached**: the term never sends gradients into the students, only into the denoiser,
-    which ``student_optimizer(extra_modules=list(loss_terms))`` steps.
+    which ``student_optimizer(extra_modules=bound_loss_terms)`` steps.
 
     Args:
         refiner: the :class:`DiffusionRefiner`; pass the ensemble's one (``"$@network.refiner"``) so that the

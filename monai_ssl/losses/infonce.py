@@ -25,7 +25,7 @@ from monai.losses import ContrastiveLoss
 from monai_ssl.data.views import FlipRotate, strong_intensity
 from monai_ssl.losses.contrastive import channels_at, select_scale
 from monai_ssl.losses.schedules import WeightSchedule
-from monai_ssl.losses.terms import LossTerm, StepContext
+from monai_ssl.losses.terms import LossTerm, StepContext, check_student
 from monai_ssl.networks.projector import ContrastProjector
 
 __all__ = ["InfoNCETerm"]
@@ -35,10 +35,9 @@ class InfoNCETerm(LossTerm):
     """``global_weight * NT-Xent(global) + local_weight * NT-Xent(local)`` for student ``student``.
 
     Args:
-        students: the trainer's students, read at construction for their channels (the second view runs through
-            ``ctx.networks``; only the projection heads are this term's own).
         name, weight: the term's name and weight or schedule.
-        student: which student learns from this term.
+        student: which student learns from this term (its channels size the projection heads when the term is
+            bound; the second view runs through ``ctx.networks``).
         stride: the decoder map used for the local loss (its feature strides must include it); the input's
             spatial size must be a multiple of it so that flips and rotations map pixels onto pixels.
         pixels: positions drawn for the local loss per step (over the whole batch).
@@ -51,7 +50,6 @@ class InfoNCETerm(LossTerm):
 
     def __init__(
         self,
-        students: Sequence[nn.Module],
         name: str = "infonce",
         weight: float | WeightSchedule = 0.1,
         student: int = 0,
@@ -66,16 +64,22 @@ class InfoNCETerm(LossTerm):
         seed: int = 0,
     ):
         super().__init__(name, weight)
-        students = list(students)
         self.student, self.stride, self.pixels = int(student), int(stride), int(pixels)
         self.global_weight, self.local_weight = float(global_weight), float(local_weight)
-        net = students[self.student]
-        bottleneck = int(net.feature_channels[0])
-        self.global_head = nn.Sequential(nn.Linear(bottleneck, hidden), nn.ReLU(), nn.Linear(hidden, out))
-        self.local_head = ContrastProjector((channels_at(net, self.stride),), hidden=hidden, out=out)
+        self.hidden, self.out = int(hidden), int(out)
+        self.global_head: nn.Module | None = None
+        self.local_head: ContrastProjector | None = None
         self.loss = ContrastiveLoss(temperature=temperature)
         self.jitter = strong_intensity(strength, seed)
         self.generator = torch.Generator().manual_seed(seed)
+
+    def bind(self, networks: Sequence[nn.Module]) -> None:
+        check_student(self.name, networks, self.student)
+        net = networks[self.student]
+        bottleneck = int(net.feature_channels[0])
+        hidden, out = self.hidden, self.out
+        self.global_head = nn.Sequential(nn.Linear(bottleneck, hidden), nn.ReLU(), nn.Linear(hidden, out))
+        self.local_head = ContrastProjector((channels_at(net, self.stride),), hidden=hidden, out=out)
 
     def _global(self, bottleneck: torch.Tensor) -> torch.Tensor:
         return self.global_head(bottleneck.flatten(2).mean(-1))

@@ -46,8 +46,7 @@ from monai_ssl.losses.contrastive import (
 )
 from monai_ssl.losses.memory import ClassFeatureQueues
 from monai_ssl.losses.schedules import WeightSchedule
-from monai_ssl.losses.teacher import check_student
-from monai_ssl.losses.terms import LossTerm, StepContext
+from monai_ssl.losses.terms import LossTerm, StepContext, check_student
 from monai_ssl.metrics.uncertainty import entropy
 from monai_ssl.networks.dual_decoder import auxiliary_logits
 from monai_ssl.networks.projector import ContrastProjector
@@ -215,8 +214,10 @@ class _DualDecoderTerm(LossTerm):
         self.student, self.label_key, self.ignore_index = int(student), label_key, int(ignore_index)
         self.uncertainty_threshold = float(uncertainty_threshold)
 
+    def bind(self, networks: Sequence[nn.Module]) -> None:
+        check_student(self.name, networks, self.student)
+
     def network(self, ctx: StepContext) -> nn.Module:
-        check_student(self.name, ctx.networks, self.student)
         return ctx.networks[self.student]
 
     def targets(self, ctx: StepContext) -> DualDecoderTargets:
@@ -307,7 +308,6 @@ class PixelContrastTerm(_DualDecoderTerm):
 
     def __init__(
         self,
-        students: Sequence[nn.Module],
         name: str = "ctr",
         weight: float | WeightSchedule = 0.1,
         stride: int = 4,
@@ -321,12 +321,17 @@ class PixelContrastTerm(_DualDecoderTerm):
         **kwargs: Any,
     ):
         super().__init__(name, weight, **kwargs)
-        check_student(name, students, self.student)
         self.stride, self.temperature = int(stride), float(temperature)
         self.num_anchors, self.num_negatives = int(num_anchors), int(num_negatives)
         self.queue_size, self.push_fraction = int(queue_size), float(push_fraction)
-        self.projector = ContrastProjector([channels_at(students[self.student], self.stride)], hidden=hidden, out=out)
+        self.hidden, self.out = int(hidden), int(out)
+        self.projector: ContrastProjector | None = None
         self.queues: ClassFeatureQueues | None = None
+
+    def bind(self, networks: Sequence[nn.Module]) -> None:
+        super().bind(networks)
+        channels = channels_at(networks[self.student], self.stride)
+        self.projector = ContrastProjector([channels], hidden=self.hidden, out=self.out)
 
     def confirmed_at_scale(self, tg: DualDecoderTargets) -> torch.Tensor:
         """``(N, *sp)`` class of every feature pixel whose footprint's confirmed pixels share one class, else -1."""

@@ -4,8 +4,8 @@ pseudo-labels and HSTF-style cross-scale consistency with refined pseudo-labels.
 The teacher is an :class:`EMATeacher`: a frozen copy of one student whose weights follow the student's by an
 exponential moving average after every optimiser step (the trainer calls ``LossTerm.step_completed``). It is a
 submodule of the term that uses it, so the bundles' resumable checkpoint (``loss_terms``) saves and restores it;
-its parameters do not require gradients, so no optimiser steps them. Terms hold the students themselves only by
-reference (a tuple, not registered), so the students' parameters are never optimised twice.
+its parameters do not require gradients, so no optimiser steps them. The teacher is copied from its student when
+the term is bound (:meth:`LossTerm.bind`); terms run the students only through the step context.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from monai_ssl.data.views import FlipRotate, strong_intensity
 from monai_ssl.losses.schedules import GaussianRampUp, WeightSchedule
-from monai_ssl.losses.terms import LossTerm, StepContext
+from monai_ssl.losses.terms import LossTerm, StepContext, check_student
 from monai_ssl.metrics.uncertainty import entropy
 
 __all__ = [
@@ -28,17 +28,10 @@ __all__ = [
     "MeanTeacherTerm",
     "FixMatchTerm",
     "CrossScaleTerm",
-    "check_student",
     "entropy",
     "predict_at_scales",
     "scale_consistency",
 ]
-
-
-def check_student(name: str, students: Sequence[nn.Module], student: int) -> None:
-    """Raise a ValueError naming loss term ``name`` unless ``student`` indexes ``students``."""
-    if not 0 <= student < len(students):
-        raise ValueError(f"loss term {name!r}: student {student} out of range for {len(students)} students")
 
 
 class EMATeacher(nn.Module):
@@ -95,25 +88,21 @@ class EMATeacher(nn.Module):
 
 
 class _TeacherTerm(LossTerm):
-    """A term with an EMA teacher of student ``student`` (or a shared one); ``students`` are read at construction
-    only, to copy the teacher from; forward passes of students go through ``ctx.networks``."""
+    """A term with an EMA teacher of student ``student``, copied from it when bound, or a shared ``teacher``."""
 
     needs_unlabeled = True
 
     def __init__(
-        self,
-        name: str,
-        weight: float | WeightSchedule,
-        students: Sequence[nn.Module],
-        teacher: EMATeacher | None,
-        student: int,
-        decay: float,
+        self, name: str, weight: float | WeightSchedule, teacher: EMATeacher | None, student: int, decay: float
     ):
         super().__init__(name, weight)
-        students = list(students)
-        check_student(name, students, student)
-        self.student = int(student)
-        self.teacher = teacher if teacher is not None else EMATeacher(students[student], decay)
+        self.student, self.decay = int(student), float(decay)
+        self.teacher = teacher
+
+    def bind(self, networks: Sequence[nn.Module]) -> None:
+        check_student(self.name, networks, self.student)
+        if self.teacher is None:
+            self.teacher = EMATeacher(networks[self.student], self.decay)
 
     def step_completed(self, iteration: int) -> None:
         self.teacher.update(iteration)
@@ -131,7 +120,6 @@ class MeanTeacherTerm(_TeacherTerm):
 
     def __init__(
         self,
-        students: Sequence[nn.Module],
         name: str = "mt",
         weight: float | WeightSchedule | None = None,
         teacher: EMATeacher | None = None,
@@ -142,7 +130,7 @@ class MeanTeacherTerm(_TeacherTerm):
         uncertainty: bool = False,
         mc_samples: int = 8,
     ):
-        super().__init__(name, GaussianRampUp(0.1) if weight is None else weight, students, teacher, student, decay)
+        super().__init__(name, GaussianRampUp(0.1) if weight is None else weight, teacher, student, decay)
         if uncertainty and mc_samples < 2:
             raise ValueError(f"UAMT needs mc_samples >= 2, got {mc_samples}")
         self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
@@ -183,7 +171,6 @@ class FixMatchTerm(_TeacherTerm):
 
     def __init__(
         self,
-        students: Sequence[nn.Module],
         name: str = "fixmatch",
         weight: float | WeightSchedule = 1.0,
         teacher: EMATeacher | None = None,
@@ -194,7 +181,7 @@ class FixMatchTerm(_TeacherTerm):
         use_teacher: bool = True,
         seed: int = 0,
     ):
-        super().__init__(name, weight, students, teacher, student, decay)
+        super().__init__(name, weight, teacher, student, decay)
         self.threshold, self.use_teacher = float(threshold), bool(use_teacher)
         self.strong = strong_intensity(strength, seed)
         self.generator = torch.Generator().manual_seed(seed)
@@ -251,7 +238,6 @@ class CrossScaleTerm(_TeacherTerm):
 
     def __init__(
         self,
-        students: Sequence[nn.Module],
         name: str = "xscale",
         weight: float | WeightSchedule | None = None,
         teacher: EMATeacher | None = None,
@@ -261,16 +247,18 @@ class CrossScaleTerm(_TeacherTerm):
         snapshot_interval: int = 50,
         pseudo_weight: float = 1.0,
     ):
-        super().__init__(name, GaussianRampUp(0.1) if weight is None else weight, students, teacher, student, decay)
+        super().__init__(name, GaussianRampUp(0.1) if weight is None else weight, teacher, student, decay)
         self.scales = tuple(float(s) for s in scales)
         if 1.0 not in self.scales or len(self.scales) < 2 or any(s <= 0 for s in self.scales):
             raise ValueError(f"CrossScaleTerm: scales must include 1.0 and another positive scale, got {scales}")
         if snapshot_interval < 1:
             raise ValueError(f"CrossScaleTerm: snapshot_interval must be positive, got {snapshot_interval}")
         self.snapshot_interval, self.pseudo_weight = int(snapshot_interval), float(pseudo_weight)
-        self.snapshot = copy.deepcopy(self.teacher.model)
-        for p in self.snapshot.parameters():
-            p.requires_grad_(False)
+        self.snapshot: nn.Module | None = None
+
+    def bind(self, networks: Sequence[nn.Module]) -> None:
+        super().bind(networks)
+        self.snapshot = copy.deepcopy(self.teacher.model).requires_grad_(False)
 
     def step_completed(self, iteration: int) -> None:
         super().step_completed(iteration)

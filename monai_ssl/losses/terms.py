@@ -4,6 +4,10 @@ A term is an ``nn.Module`` that reads one :class:`StepContext` (the batch and ev
 returns an unweighted scalar; the trainer multiplies it by ``term.weight(iteration, max_iterations)`` and
 logs both under ``term.name``. Methods are lists of terms: UNet-LS is ``[SupervisedTerm]``, CPS and CTS are
 ``[SupervisedTerm, CrossPseudoTerm]`` over two U-Nets or a U-Net and a transformer.
+
+Terms never take the students as arguments. A term whose own modules depend on them (an EMA teacher's copy, a
+projector's input channels) builds them in :meth:`LossTerm.bind`, which :func:`bind_terms` calls once before the
+optimiser collects the terms' parameters (the bundles' ``bound_loss_terms``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from monai_ssl.losses.schedules import GaussianRampUp, WeightSchedule, as_schedu
 __all__ = [
     "StepContext",
     "LossTerm",
+    "bind_terms",
+    "check_student",
     "SupervisedTerm",
     "CrossPseudoTerm",
     "RegistrationSupervisionTerm",
@@ -83,7 +89,8 @@ class LossTerm(nn.Module):
     Class attributes tell the trainer what the term needs: ``needs_features`` (decoder features),
     ``needs_unlabeled`` (skip the term on a batch without unlabelled slices) and ``min_students``. A term whose
     weight is 0 at an iteration is not evaluated (e.g. a warm-up-only term), and ``step_completed`` runs after
-    every optimiser step whether or not the term was evaluated.
+    every optimiser step whether or not the term was evaluated. A term whose modules depend on the students
+    overrides :meth:`bind`.
     """
 
     needs_features = False
@@ -95,6 +102,11 @@ class LossTerm(nn.Module):
         self.last_stats: dict[str, float] = {}
         self.name = name
         self.weight = as_schedule(weight)
+        self.bound = False
+
+    def bind(self, networks: Sequence[nn.Module]) -> None:
+        """Build what depends on the students (read, never registered, so never optimised twice); a no-op here.
+        Called once, by :func:`bind_terms`."""
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
@@ -110,6 +122,27 @@ class LossTerm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weight={self.weight!r}"
+
+
+def check_student(name: str, students: Sequence[nn.Module], student: int) -> None:
+    """Raise a ValueError naming loss term ``name`` unless ``student`` indexes ``students``."""
+    if not 0 <= student < len(students):
+        raise ValueError(f"loss term {name!r}: student {student} out of range for {len(students)} students")
+
+
+def bind_terms(terms: Sequence[LossTerm], networks: Sequence[nn.Module]) -> list[LossTerm]:
+    """Bind every term not yet bound to ``networks`` (:meth:`LossTerm.bind`) and return the terms as a list.
+
+    Call it before building the optimiser from the terms' parameters: binding creates them.
+    """
+    networks = list(networks)
+    for term in terms:
+        if len(networks) < term.min_students:
+            raise ValueError(f"loss term {term.name!r} needs {term.min_students} students, got {len(networks)}")
+        if not term.bound:
+            term.bind(networks)
+            term.bound = True
+    return list(terms)
 
 
 class SupervisedTerm(LossTerm):
