@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from monai_ssl.data.datalist import GROUPS, write_datalist
+from monai_ssl.demo.synthesis import random_smooth_deformation
 
 __all__ = ["phantom", "random_affine", "random_deformation", "known_pair", "resample_to_grid", "write_dataset"]
 
@@ -90,15 +91,34 @@ def random_affine(
 
 
 def random_deformation(
-    reference: sitk.Image, rng: np.random.Generator, grid_mm: float = 40.0, magnitude_mm: float = 3.0
-) -> sitk.BSplineTransform:
-    """A smooth random B-spline deformation over ``reference``'s extent; control-point displacements ~N(0, m)."""
+    reference: sitk.Image, rng: np.random.Generator, smoothing_mm: float = 12.0, max_displacement_mm: float = 3.0
+) -> sitk.DisplacementFieldTransform:
+    """A smooth random deformation over ``reference``'s extent, as an ITK displacement field (physical mm).
+
+    The field is the demo's generator (:func:`monai_ssl.demo.random_smooth_deformation`, its affine part off) on an
+    isotropic grid of ``reference``'s finest spacing, aligned with ``reference``: Gaussian smoothing of
+    ``smoothing_mm``, at most ``max_displacement_mm`` long, locally invertible.
+    """
+    step = float(min(reference.GetSpacing()))
     extent = [(n - 1) * s for n, s in zip(reference.GetSize(), reference.GetSpacing(), strict=True)]
-    mesh = [max(1, int(round(e / grid_mm))) for e in extent]
-    out = sitk.BSplineTransformInitializer(reference, mesh, order=3)
-    params = rng.normal(0.0, magnitude_mm, len(out.GetParameters()))
-    out.SetParameters(params.tolist())
-    return out
+    shape = [int(np.ceil(e / step - 1e-6)) + 1 for e in extent]  # ITK axis order (x, y, z)
+    coords, _ = random_smooth_deformation(
+        shape,
+        rng,
+        max_rotation_deg=0.0,
+        max_scale=0.0,
+        max_translation=0.0,
+        max_displacement=max_displacement_mm / step,
+        smoothing=smoothing_mm / step,
+    )
+    index_shift = coords - np.indices(shape, dtype=np.float32)  # (3, x, y, z), in grid voxels
+    direction = np.array(reference.GetDirection()).reshape(3, 3)
+    shift_mm = np.einsum("ij,jxyz->zyxi", direction * step, index_shift.astype(np.float64))
+    field = sitk.GetImageFromArray(shift_mm, isVector=True)
+    field.SetOrigin(reference.GetOrigin())
+    field.SetSpacing([step] * 3)
+    field.SetDirection(reference.GetDirection())
+    return sitk.DisplacementFieldTransform(field)
 
 
 def known_pair(

@@ -124,11 +124,32 @@ def test_cycle_score_near_zero_when_consistent_and_large_when_corrupted(affine_c
     assert foreground_mask(image).mean() == pytest.approx((sitk.GetArrayViewFromImage(image) > 30).mean(), abs=0.1)
 
 
+def test_known_deformation_is_the_demo_generator_in_physical_space():
+    # the fixture's displacement field is the demo's sampling map, mapped from grid voxels to LPS mm: at a grid
+    # point p = O + D (step * i) the transform gives O + D (step * coords(i)), with coords drawn from the same rng
+    from monai_ssl.demo.synthesis import random_smooth_deformation
+
+    image, _ = phantom(SIZE, SPACING, seed=4)  # oblique direction, anisotropic spacing: step = 1.5 mm
+    tr = random_deformation(image, np.random.default_rng(3), smoothing_mm=9.0, max_displacement_mm=3.0)
+    shape = [32, 32, 27]  # extent (46.5, 46.5, 39) mm on a 1.5 mm grid
+    coords, _ = random_smooth_deformation(
+        shape, np.random.default_rng(3), 0.0, 0.0, 0.0, max_displacement=2.0, smoothing=6.0
+    )
+    origin, direction = np.array(image.GetOrigin()), np.array(image.GetDirection()).reshape(3, 3)
+    lengths = []
+    for i in [(0, 0, 0), (5, 17, 3), (31, 2, 26), (16, 16, 14)]:
+        point = origin + direction @ (1.5 * np.array(i, float))
+        want = origin + direction @ (1.5 * coords[(slice(None), *i)])
+        np.testing.assert_allclose(tr.TransformPoint(point.tolist()), want, atol=1e-4)
+        lengths.append(np.linalg.norm(want - point))
+    assert 0.2 < max(lengths) <= 3.0 + 1e-4
+
+
 def test_cycle_score_of_deformable_round_trip_resamples_once_exactly():
     image, _ = phantom(SIZE, SPACING, seed=4)
     rng = np.random.default_rng(8)
-    forward = random_deformation(image, rng, grid_mm=20, magnitude_mm=2.0)
-    backward = random_deformation(image, rng, grid_mm=20, magnitude_mm=2.0)
+    forward = random_deformation(image, rng, smoothing_mm=10.0, max_displacement_mm=3.0)
+    backward = random_deformation(image, rng, smoothing_mm=10.0, max_displacement_mm=3.0)
     got = cycle_scores(image, forward, backward)
     direct = sitk.Resample(image, image, compose(forward, backward), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     a, b = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(direct)
@@ -143,7 +164,9 @@ def test_cycle_score_of_deformable_round_trip_resamples_once_exactly():
 def test_bspline_recovers_a_smooth_deformation(tmp_path):
     m, m_label = phantom(SIZE, SPACING, seed=2)
     affine = random_affine(m, np.random.default_rng(5), 4, 0.03, 3)
-    g = sitk.CompositeTransform([affine, random_deformation(m, np.random.default_rng(6), 24, 2.0)])
+    g = sitk.CompositeTransform(
+        [affine, random_deformation(m, np.random.default_rng(6), smoothing_mm=12.0, max_displacement_mm=3.0)]
+    )
     f, _ = known_pair(m, g, m_label)
     datalist = write_dataset(tmp_path, {"m": ("labeled", m, m_label), "f": ("unlabeled", f, None)})
     settings = RegistrationSettings(kind="bspline", grid_mm=12, bspline_iterations=60, bspline_levels=2)
