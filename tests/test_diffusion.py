@@ -11,16 +11,11 @@ from monai.bundle import run as bundle_run
 from monai.networks.utils import one_hot
 
 from monai_ssl.inference.volume import inference_cases
-from monai_ssl.losses.diffusion import (
-    DiffusionRefinementTerm,
-    DiffusionRefiner,
-    LinearNoiseSchedule,
-    mask_to_probs,
-    refine,
-)
+from monai_ssl.losses.diffusion import DiffusionRefinementTerm
 from monai_ssl.losses.terms import StepContext
 from monai_ssl.networks.denoiser import ConditionalDenoiser
 from monai_ssl.networks.ensemble import StudentEnsemble
+from monai_ssl.networks.refiner import DiffusionRefiner, LinearNoiseSchedule, mask_to_probs, refine
 from tests.test_bundle import TINY, configs
 from tests.test_inference import Threshold, blob_case
 from tests.test_inference import run as run_inference
@@ -250,7 +245,7 @@ def test_bundle_trains_the_refiner_and_inference_refines_from_model_final(tmp_pa
     tiny_dataset(data)
     out = tmp_path / "runs"
     refiner = {
-        "_target_": "monai_ssl.losses.diffusion.DiffusionRefiner",
+        "_target_": "monai_ssl.networks.refiner.DiffusionRefiner",
         "denoiser": {
             "_target_": "monai_ssl.networks.denoiser.ConditionalDenoiser",
             "spatial_dims": "@spatial_dims",
@@ -259,7 +254,7 @@ def test_bundle_trains_the_refiner_and_inference_refines_from_model_final(tmp_pa
             "channels": [8, 16],
             "norm_num_groups": 4,
         },
-        "schedule": {"_target_": "monai_ssl.losses.diffusion.LinearNoiseSchedule", "num_timesteps": 30},
+        "schedule": {"_target_": "monai_ssl.networks.refiner.LinearNoiseSchedule", "num_timesteps": 30},
     }
     terms = [
         {"_target_": "monai_ssl.losses.terms.SupervisedTerm", "name": "sup"},

@@ -1,4 +1,5 @@
-"""2D/3D student networks that expose logits and multi-scale decoder features, and the projector."""
+"""2D/3D student networks that expose logits and multi-scale decoder features, the projector, and the
+inference-time parts that are not students (:mod:`.denoiser`, :mod:`.refiner`, :mod:`.ensemble`)."""
 
 from monai_ssl.networks.base import ChannelsLast, DecoderFeaturesMixin, init_transformer_weights
 from monai_ssl.networks.cs_unet import CSUNet

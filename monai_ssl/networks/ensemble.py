@@ -21,7 +21,7 @@ class StudentEnsemble(nn.Module):
     It is a plain ``nn.Module`` whose ``forward`` returns a tensor, so MONAI inferers (``SliceInferer`` feeds it
     slice batches), ``ckpt_export`` and TorchScript tracing treat it like any single network.
 
-    Optional diffusion-style refinement: ``refiner`` (a :class:`~monai_ssl.losses.diffusion.DiffusionRefiner`,
+    Optional diffusion-style refinement: ``refiner`` (a :class:`~monai_ssl.networks.refiner.DiffusionRefiner`,
     or any module ``refiner(image, probs, steps, samples, generator) -> (mean_probs, variance)``) is saved with
     the students, so their checkpoints carry it. With ``refine_steps > 0`` the forward refines the softmax of
     the mean logits and returns ``log(mean_probs)``: logits whose softmax is the refined mean, so downstream
