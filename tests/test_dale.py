@@ -23,20 +23,37 @@ def test_partition_of_a_constructed_batch():
     # 12 confident and correct pixels, one confident but wrong (noisy label?), one uniform (boundary?)
     rows = [[0.98, 0.01, 0.01]] * 12 + [[0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3]]
     target = torch.tensor([0] * 12 + [2, 0]).view(1, 1, 1, -1)
-    fuzzy, error, ent = fuzzy_partition(probs_of(rows), target, k=1.0, temperature=0.25)
+    fuzzy, error, ent = fuzzy_partition(probs_of(rows), target, k=1.0, temperature=0.25, per_class=False)
     f = fuzzy.flatten()
     assert (f[:12] < 0.05).all() and f[12] > 0.95 and f[13] > 0.95
     assert error.flatten()[12].item() == pytest.approx(0.99) and ent.flatten()[13].item() == pytest.approx(1.0)
     # the threshold adapts: with half of the batch wrong, mean + std of the error sits at the wrong pixels
     half = [[0.98, 0.01, 0.01]] * 14
-    mixed = fuzzy_partition(probs_of(half), torch.tensor([0] * 7 + [2] * 7).view(1, 1, 1, -1))[0]
+    mixed = fuzzy_partition(probs_of(half), torch.tensor([0] * 7 + [2] * 7).view(1, 1, 1, -1), per_class=False)[0]
     assert 0.4 < mixed.max() < 0.6
     # identical pixels: no spread, nothing is fuzzy; ignored pixels are never fuzzy
-    same = fuzzy_partition(probs_of(half), torch.zeros(1, 1, 1, 14, dtype=torch.long))[0]
+    same = fuzzy_partition(probs_of(half), torch.zeros(1, 1, 1, 14, dtype=torch.long), per_class=False)[0]
     assert same.max() < 0.05
     valid = torch.ones(1, 1, 1, 14, dtype=torch.bool)
     valid[..., 12] = False
-    assert fuzzy_partition(probs_of(rows), target, valid)[0].flatten()[12] == 0
+    assert fuzzy_partition(probs_of(rows), target, valid, per_class=False)[0].flatten()[12] == 0
+
+
+def test_per_class_thresholds_keep_an_unlearned_small_class_stable():
+    # class 0: 12 confident correct pixels and one confident wrong one; class 1: 4 pixels not learned yet
+    # (uniform prediction). One threshold over the batch makes all of class 1 fuzzy (error 2/3 and entropy 1 sit
+    # far above the batch's mean + std), so the stable phase would never learn it; per class, its pixels are
+    # alike and none is fuzzy, while the wrong pixel of class 0 stays fuzzy.
+    rows = [[0.98, 0.01, 0.01]] * 12 + [[0.01, 0.01, 0.98]] + [[1 / 3, 1 / 3, 1 / 3]] * 4
+    target = torch.tensor([0] * 13 + [1] * 4).view(1, 1, 1, -1)
+    batch = fuzzy_partition(probs_of(rows), target, per_class=False)[0].flatten()
+    per_class = fuzzy_partition(probs_of(rows), target)[0].flatten()
+    assert (batch[13:] > 0.95).all() and batch[12] > 0.95
+    assert (per_class[13:] < 0.05).all() and per_class[12] > 0.95 and (per_class[:12] < 0.05).all()
+    # the hand value of the wrong pixel's error score: class 0 errors are 0.02 x 12 and 0.99
+    e = torch.tensor([0.02] * 12 + [0.99])
+    mean, d = e.mean(), e.std(unbiased=False)
+    assert per_class[12].item() >= torch.sigmoid((0.99 - mean - d) / (0.25 * d)).item() - 1e-6
 
 
 def test_gaussian_w2_against_a_hand_computed_value():
@@ -113,7 +130,7 @@ def test_ignored_pixels_give_no_gradient_and_phases_alternate():
     nets = [tiny_net(0), tiny_net(1)]
     term = DALETerm(3, ignore_index=255, warmup_iterations=2, stable_iterations=1, fuzzy_iterations=2, min_pixels=1.0)
     bind_terms([term], nets)
-    assert [term.phase(i) for i in range(7)] == ["stable"] * 3 + ["fuzzy"] * 2 + ["stable", "fuzzy"]
+    assert [term.phase(i) for i in range(7)] == ["warmup"] * 2 + ["stable"] + ["fuzzy"] * 2 + ["stable", "fuzzy"]
     image = torch.rand(2, 1, 8, 8)
     label = torch.randint(0, 3, (2, 1, 8, 8))
     label[:, :, :, :3] = 255
@@ -197,3 +214,19 @@ def test_term_wraps_any_per_pixel_loss():
     bind_terms([focal, ce], [net])
     a, b = focal(labelled_ctx([net], image, label)), ce(labelled_ctx([net], image, label))
     assert torch.isfinite(a) and 0 < a.item() < b.item()  # focal down-weights every pixel's CE
+
+
+def test_warmup_learns_every_pixel_like_the_plain_supervised_loss():
+    # during warm-up the partition is not used: the loss is MONAI's batch DiceCE (0.5 / 0.5) on every pixel,
+    # computed independently here; after it, the stable phase drops the fuzzy pixels and the value changes
+    from monai.losses import DiceCELoss
+
+    net = tiny_net()
+    image, label = torch.rand(2, 1, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+    term = DALETerm(3, warmup_iterations=2, align_weight=0.0)
+    bind_terms([term], [net])
+    ctx = labelled_ctx([net], image, label, iteration=1)
+    plain = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
+    expected = plain(ctx.logits_l[0], label).item()
+    assert term(ctx).item() == pytest.approx(expected, rel=1e-5)
+    assert term(labelled_ctx([net], image, label, iteration=2)).item() != pytest.approx(expected, rel=1e-3)

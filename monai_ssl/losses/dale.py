@@ -6,10 +6,14 @@ Per labelled batch and per student:
 * **Partition** (:func:`fuzzy_partition`). Two per-pixel scores in ``[0, 1]``: the error ``e = 1 - p(label)``
   and the normalised entropy ``h = H(p) / ln C``. Each is soft-thresholded against the batch's own statistics:
   ``f_s = sigmoid((s - t) / (T * d))`` with ``t = mean(s) + k * d`` and ``d = max(std(s), delta)`` over the
-  valid pixels, so the threshold follows the batch as training sharpens the predictions. A pixel is fuzzy by
+  valid pixels **of the pixel's label class** (``per_class``, the default), so the threshold follows the batch
+  as training sharpens the predictions, and a small class that is still unlearned keeps its easier pixels
+  stable (with one threshold over the whole batch, every pixel of such a class is fuzzy in the stable phases,
+  and the class is never learned: measured below). A pixel is fuzzy by
   either score (a soft OR): ``fuzzy = 1 - (1 - f_e)(1 - f_h)``. Confident but wrong pixels (likely noisy labels)
   are fuzzy by error, boundary pixels by entropy. The partition carries no gradient.
-* **Alternation** by iteration: the first ``warmup_iterations`` and then, in a cycle, ``stable_iterations``
+* **Alternation** by iteration: the first ``warmup_iterations`` learn every pixel (weight 1: the partition
+  needs a network that has learned something), then, in a cycle, ``stable_iterations``
   iterations learn only the non-fuzzy pixels (pixel weight ``1 - fuzzy``); the next ``fuzzy_iterations``
   iterations learn every pixel with weight ``(1 - fuzzy) + fuzzy * c``, where ``c`` is the pixel's label
   confidence, and add the distribution alignment.
@@ -63,14 +67,21 @@ __all__ = [
 ]
 
 
-def _soft_above(score: torch.Tensor, valid: torch.Tensor, k: float, temperature: float, delta: float) -> torch.Tensor:
-    """``sigmoid((s - t) / (T d))`` with ``t = mean + k d``, ``d = max(std, delta)`` over the valid pixels."""
-    values = score[valid]
-    if values.numel() == 0:
-        return torch.zeros_like(score)
-    mean = values.mean()
-    spread = values.std(unbiased=False).clamp_min(delta) if values.numel() > 1 else score.new_tensor(delta)
-    return torch.sigmoid((score - mean - k * spread) / (temperature * spread))
+def _soft_above(
+    score: torch.Tensor, valid: torch.Tensor, k: float, temperature: float, delta: float, groups: torch.Tensor | None
+) -> torch.Tensor:
+    """``sigmoid((s - t) / (T d))`` with ``t = mean + k d``, ``d = max(std, delta)`` over the valid pixels, or
+    over the valid pixels of each group (a pixel's label) when ``groups`` is given."""
+    out = torch.zeros_like(score)
+    masks = [valid] if groups is None else [valid & (groups == g) for g in groups[valid].unique()]
+    for mask in masks:
+        values = score[mask]
+        if values.numel() == 0:
+            continue
+        mean = values.mean()
+        spread = values.std(unbiased=False).clamp_min(delta) if values.numel() > 1 else score.new_tensor(delta)
+        out = torch.where(mask, torch.sigmoid((score - mean - k * spread) / (temperature * spread)), out)
+    return out
 
 
 @torch.no_grad()
@@ -81,18 +92,21 @@ def fuzzy_partition(
     k: float = 1.0,
     temperature: float = 0.25,
     delta: float = 1e-3,
+    per_class: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Soft fuzzy membership ``(B, 1, ...)`` in ``[0, 1]`` of every pixel, with the error and normalised entropy.
 
     ``probs`` ``(B, C, ...)``, ``target`` ``(B, 1, ...)`` integer labels (valid where ``valid``; invalid pixels get
-    membership 0). See the module docstring for the thresholds.
+    membership 0). See the module docstring for the thresholds; ``per_class`` takes them per label class.
     """
     num_classes = probs.shape[1]
     valid = torch.ones_like(target, dtype=torch.bool) if valid is None else valid.bool()
-    error = 1.0 - probs.gather(1, target.long().clamp(0, num_classes - 1))
+    labels = target.long().clamp(0, num_classes - 1)
+    error = 1.0 - probs.gather(1, labels)
     ent = entropy(probs) / math.log(max(num_classes, 2))
-    f_e = _soft_above(error, valid, k, temperature, delta)
-    f_h = _soft_above(ent, valid, k, temperature, delta)
+    groups = labels if per_class else None
+    f_e = _soft_above(error, valid, k, temperature, delta, groups)
+    f_h = _soft_above(ent, valid, k, temperature, delta, groups)
     fuzzy = (1.0 - (1.0 - f_e) * (1.0 - f_h)) * valid.to(probs.dtype)
     return fuzzy, error, ent
 
@@ -258,6 +272,7 @@ class DALETerm(LossTerm):
         lambda_dice, lambda_ce: weights of the weighted Dice and of the weighted mean pixel loss.
         feature_stride: decoder scale of the alignment (default: each student's finest map).
         k, temperature: the partition's soft threshold ``mean + k std`` and its width ``temperature * std``.
+        per_class: thresholds per label class (default) or over the whole batch (see :func:`fuzzy_partition`).
         warmup_iterations, stable_iterations, fuzzy_iterations: the alternation schedule.
         align_weight: weight of the W2 alignment (fuzzy phases only); 0 disables it.
         stats_momentum: EMA factor of the running stable class statistics.
@@ -282,6 +297,7 @@ class DALETerm(LossTerm):
         feature_stride: int | None = None,
         k: float = 1.0,
         temperature: float = 0.25,
+        per_class: bool = True,
         warmup_iterations: int = 0,
         stable_iterations: int = 20,
         fuzzy_iterations: int = 20,
@@ -302,7 +318,7 @@ class DALETerm(LossTerm):
         self.num_classes = int(num_classes)
         self.pixel_loss = pixel_loss
         self.lambda_dice, self.lambda_ce = float(lambda_dice), float(lambda_ce)
-        self.k, self.temperature = float(k), float(temperature)
+        self.k, self.temperature, self.per_class = float(k), float(temperature), bool(per_class)
         self.warmup_iterations, self.stable_iterations = int(warmup_iterations), int(stable_iterations)
         self.fuzzy_iterations = int(fuzzy_iterations)
         self.align_weight, self.stats_momentum, self.min_pixels = (
@@ -330,8 +346,11 @@ class DALETerm(LossTerm):
             self.register_buffer(f"stable_seen_{i}", torch.zeros(self.num_classes, dtype=torch.bool))
 
     def phase(self, iteration: int) -> str:
-        """``"stable"`` (non-fuzzy pixels only) or ``"fuzzy"`` (every pixel, confidence-weighted, plus alignment)."""
-        if iteration < self.warmup_iterations or self.fuzzy_iterations == 0:
+        """``"warmup"`` (every pixel, weight 1), ``"stable"`` (non-fuzzy pixels only) or ``"fuzzy"`` (every pixel,
+        confidence-weighted, plus alignment)."""
+        if iteration < self.warmup_iterations:
+            return "warmup"
+        if self.fuzzy_iterations == 0:
             return "stable"
         r = (iteration - self.warmup_iterations) % (self.stable_iterations + self.fuzzy_iterations)
         return "stable" if r < self.stable_iterations else "fuzzy"
@@ -399,9 +418,11 @@ class DALETerm(LossTerm):
         fuzzy_fraction, w2s = [], {}
         for i, logits in enumerate(ctx.logits_l):
             probs = torch.softmax(logits, dim=1)
-            fuzzy, _, _ = fuzzy_partition(probs.detach(), target, valid, self.k, self.temperature)
+            fuzzy, _, _ = fuzzy_partition(
+                probs.detach(), target, valid, self.k, self.temperature, per_class=self.per_class
+            )
             fuzzy_fraction.append(fuzzy.sum() / valid.sum().clamp_min(1))
-            keep = (1.0 - fuzzy) if phase == "stable" else (1.0 - fuzzy) + fuzzy * conf
+            keep = {"warmup": torch.ones_like(fuzzy), "stable": 1.0 - fuzzy}.get(phase, (1.0 - fuzzy) + fuzzy * conf)
             w = keep * valid.to(keep)
             pix = ces[i] if self.pixel_loss is None else self.pixel_loss(logits, target).sum(dim=1, keepdim=True)
             loss = self.lambda_ce * (w * pix).sum() / w.sum().clamp_min(1e-8)
