@@ -9,7 +9,7 @@ Per labelled batch and per student:
   valid pixels **of the pixel's label class** (``per_class``, the default), so the threshold follows the batch
   as training sharpens the predictions, and a small class that is still unlearned keeps its easier pixels
   stable (with one threshold over the whole batch, every pixel of such a class is fuzzy in the stable phases,
-  and the class is never learned: measured below). A pixel is fuzzy by
+  and the class is never learned; measured in the bundle README). A pixel is fuzzy by
   either score (a soft OR): ``fuzzy = 1 - (1 - f_e)(1 - f_h)``. Confident but wrong pixels (likely noisy labels)
   are fuzzy by error, boundary pixels by entropy. The partition carries no gradient.
 * **Alternation** by iteration: the first ``warmup_iterations`` learn every pixel (weight 1: the partition
