@@ -422,7 +422,12 @@ class DALETerm(LossTerm):
                 probs.detach(), target, valid, self.k, self.temperature, per_class=self.per_class
             )
             fuzzy_fraction.append(fuzzy.sum() / valid.sum().clamp_min(1))
-            keep = {"warmup": torch.ones_like(fuzzy), "stable": 1.0 - fuzzy}.get(phase, (1.0 - fuzzy) + fuzzy * conf)
+            if phase == "warmup":
+                keep = torch.ones_like(fuzzy)
+            elif phase == "stable":
+                keep = 1.0 - fuzzy
+            else:
+                keep = (1.0 - fuzzy) + fuzzy * conf
             w = keep * valid.to(keep)
             pix = ces[i] if self.pixel_loss is None else self.pixel_loss(logits, target).sum(dim=1, keepdim=True)
             loss = self.lambda_ce * (w * pix).sum() / w.sum().clamp_min(1e-8)
