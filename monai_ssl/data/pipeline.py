@@ -20,6 +20,7 @@ from monai_ssl.data.transforms import (
     DEFAULT_PIXDIM,
     IMAGE_KEY,
     PixelToWorldd,
+    intensity_augmentations,
     slice_augmentations,
     spatial_crop_and_flips,
     volume_transforms,
@@ -88,11 +89,14 @@ def patch_augmentations(
     label_keys: Sequence[str] = LABEL_KEYS,
     flip_prob: float = 0.5,
     flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
+    intensity_prob: float = 0.0,
 ):
-    """3D patches (random or class-centred) with flips of ``flip_axes``; the patch's MetaTensor affine becomes
+    """3D patches (random or class-centred) with flips of ``flip_axes`` and, with ``intensity_prob``, random
+    contrast (:func:`~monai_ssl.data.transforms.intensity_augmentations`); the patch's MetaTensor affine becomes
     ``pixel_to_world``."""
     keys = (IMAGE_KEY, *label_keys, *PROBABILITY_KEYS)
-    return [*spatial_crop_and_flips(patch_size, keys, flip_axes, flip_prob), PixelToWorldd(label_keys)]
+    spatial = spatial_crop_and_flips(patch_size, keys, flip_axes, flip_prob)
+    return [*spatial, *intensity_augmentations(intensity_prob), PixelToWorldd(label_keys)]
 
 
 def training_datasets(
@@ -109,6 +113,7 @@ def training_datasets(
     foreground_fraction: float = 0.33,
     unlabeled_foreground_fraction: float = 0.0,
     flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
+    intensity_prob: float = 0.0,
     seed: int = 0,
 ) -> tuple[SliceDataset | PatchDataset, SliceDataset | PatchDataset]:
     """Labelled and unlabelled training samples of a datalist.
@@ -130,6 +135,8 @@ def training_datasets(
         unlabeled_foreground_fraction: the same for unlabelled cases, on their registered labels (0: off).
         flip_axes: the axes flipped at random (after RAS reorientation: 0 left-right, 1 back-front, 2 down-up);
             only axes across which the anatomy is mirror-symmetric, so none by default.
+        intensity_prob: probability of each random-contrast transform on every sample, labelled and unlabelled
+            (:func:`~monai_ssl.data.transforms.intensity_augmentations`; 0: off).
         seed: seed of the class-balanced voxel lists.
     """
     dl = _datalist(datalist)
@@ -163,10 +170,11 @@ def training_datasets(
         if spatial_dims == 2:
             aug = dict(augment or {})
             aug.setdefault("flip_axes", flip_axes)
+            aug.setdefault("intensity_prob", intensity_prob)
             tf = slice_augmentations(patch_size, **aug) + [PixelToWorldd()]
             out.append(SliceDataset(volumes, tf, context=context, foreground=sampler))
         else:
-            out.append(PatchDataset(volumes, patch_augmentations(patch_size, flip_axes=flip_axes), sampler))
+            out.append(PatchDataset(volumes, patch_augmentations(patch_size, flip_axes=flip_axes, intensity_prob=intensity_prob), sampler))
     return out[0], out[1]
 
 

@@ -22,8 +22,10 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    RandAdjustContrastd,
     RandAffined,
     RandFlipd,
+    RandHistogramShiftd,
     Randomizable,
     RandSpatialCropd,
     ScaleIntensityRanged,
@@ -52,6 +54,7 @@ __all__ = [
     "PixelToWorldd",
     "volume_transforms",
     "slice_augmentations",
+    "intensity_augmentations",
     "embed_slice_affine",
     "IMAGE_KEY",
     "SLICE_BASE_KEY",
@@ -237,6 +240,15 @@ def spatial_crop_and_flips(
     ]
 
 
+def intensity_augmentations(prob: float) -> list[Transform]:
+    """Random contrast of the image only, each transform with ``prob`` (0: none): a monotone histogram remap
+    (``RandHistogramShiftd``, which narrows or widens the gaps between tissue intensities, as they differ between
+    subjects and scanners) and a gamma in [0.7, 1.5] (nnU-Net's range). Geometry and labels are untouched."""
+    if prob <= 0:
+        return []
+    return [RandHistogramShiftd(IMAGE_KEY, prob=prob), RandAdjustContrastd(IMAGE_KEY, prob=prob, gamma=(0.7, 1.5))]
+
+
 def slice_augmentations(
     patch_size: Sequence[int],
     label_keys: KeysCollection = LABEL_KEYS,
@@ -246,6 +258,7 @@ def slice_augmentations(
     affine_prob: float = 0.5,
     flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
     probability_keys: KeysCollection = PROBABILITY_KEYS,
+    intensity_prob: float = 0.0,
 ) -> list[Transform]:
     """In-plane augmentation of a 2D slice: pad, crop to ``patch_size``, flips, rotation and scaling.
 
@@ -253,14 +266,15 @@ def slice_augmentations(
     left-right and axis 1 back-front; flip only where the anatomy is mirror-symmetric (see
     :data:`DEFAULT_FLIP_AXES`). Every transform here updates the MetaTensor affine, which :class:`PixelToWorldd`
     turns into the pixel -> world mapping; ``RandZoomd`` is deliberately not used because its affine update is
-    wrong with ``keep_size=True`` (checked by the tests of this module).
+    wrong with ``keep_size=True`` (checked by the tests of this module). ``intensity_prob`` adds
+    :func:`intensity_augmentations`.
     """
     keys = (IMAGE_KEY, *label_keys, *probability_keys)
     modes = ["bilinear"] + ["nearest"] * len(tuple(label_keys)) + ["bilinear"] * len(tuple(probability_keys))
     bad = [a for a in flip_axes if int(a) not in (0, 1)]
     if bad:
         raise ValueError(f"flip_axes of a 2D slice must be 0 and/or 1, got {list(flip_axes)}")
-    out = spatial_crop_and_flips(patch_size, keys, flip_axes, flip_prob)
+    out = spatial_crop_and_flips(patch_size, keys, flip_axes, flip_prob) + intensity_augmentations(intensity_prob)
     if affine_prob > 0 and (rotate_deg > 0 or scale > 0):
         out.append(
             RandAffined(
