@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import RandFlipd
+from monai.transforms import RandFlipd, RandHistogramShiftd
 
 from monai_ssl.data.pipeline import patch_augmentations
 from monai_ssl.data.slices import SAMPLED_CLASS_KEY, ForegroundSampler, PatchDataset, SliceDataset, VolumeDataset
@@ -168,3 +168,8 @@ def test_training_datasets_pass_the_sampler_and_flips(tmp_path):
     assert abs(np.mean([s[SAMPLED_CLASS_KEY] >= 0 for s in drawn]) - 0.5) < 0.1
     lab0, _ = training_datasets(dl, (12, 12), pixdim=(-1, -1, -1), foreground_fraction=0.0)
     assert lab0.foreground is None
+    assert not any(isinstance(t, RandHistogramShiftd) for t in lab.transform.transforms)  # contrast off by default
+    for dims, patch in ((2, (12, 12)), (3, (12, 12, 4))):
+        ds = training_datasets(dl, patch, spatial_dims=dims, pixdim=(-1, -1, -1), intensity_prob=0.4)
+        shifts = [t for d in ds for t in d.transform.transforms if isinstance(t, RandHistogramShiftd)]
+        assert [t.prob for t in shifts] == [0.4, 0.4], dims  # labelled and unlabelled samples alike

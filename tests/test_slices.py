@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.transforms import Compose
 
 from monai_ssl.data.slices import SemiSupervisedLoader, SliceDataset, VolumeDataset, extract_slice
-from monai_ssl.data.transforms import PixelToWorldd, slice_augmentations, volume_transforms
+from monai_ssl.data.transforms import PixelToWorldd, intensity_augmentations, slice_augmentations, volume_transforms
 from tests.conftest import write_nifti
 
 WINDOW = (-1000.0, 1000.0)  # CT window used as an exactly invertible linear intensity map in these tests
@@ -157,3 +158,21 @@ def test_stack_context_gives_every_slice_the_channels_extract_slice_gives_it():
         expected = extract_slice(volume, z, context=3)["image"]
         assert torch.equal(stacked[..., z], expected.as_tensor()), z
     assert torch.equal(stack_context(image[None], 1), image[None])
+
+
+def test_intensity_augmentation_is_a_monotone_remap_of_the_image_only():
+    """Random contrast changes intensities but keeps their order (tissues stay brighter or darker than each
+    other), never touches the labels, and is absent at probability 0."""
+    assert intensity_augmentations(0.0) == []
+    ramp = torch.linspace(0, 1, 400).reshape(1, 20, 20)
+    label = (ramp * 5).long()
+    changed = 0
+    for seed in range(8):
+        tf = Compose(intensity_augmentations(1.0))
+        tf.set_random_state(seed)
+        out = tf({"image": ramp.clone(), "label": label.clone()})
+        flat = torch.as_tensor(out["image"]).flatten()
+        assert torch.all(flat[1:] >= flat[:-1] - 1e-6), seed
+        assert torch.equal(torch.as_tensor(out["label"]), label)
+        changed += int((flat - ramp.flatten()).abs().max() > 0.02)
+    assert changed == 8
