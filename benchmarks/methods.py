@@ -319,10 +319,12 @@ def _registration_for(
 
     For the base datalist it is ``base_registration``, read only: its selection (and reg-only report) must
     exist, made with ``strategy``. For a re-split datalist it is ``WORK/registration/<datalist stem>``, prepared
-    here with ``strategy``.
+    here with ``strategy`` (for a non-affine ``kind`` its affine pairs too: REPS reads them).
     """
     if datalist != base_datalist:
         derived = work_dir / "registration" / datalist.stem
+        if kind != "affine":  # REPS reads the exact affine correspondences whatever kind the labels come from
+            prepare_registration(datalist, derived, "affine", base_registration, False, strategy)
         return prepare_registration(datalist, derived, kind, base_registration, report, strategy)
     layout = Layout(base_registration, kind)
     found = _store_datalist(layout)
