@@ -90,6 +90,7 @@ MAIN_COLUMNS = ["method", "labeled", "mode", *SUMMARY_FIGURES, "sec_per_iter", "
 INFO_COLUMNS = [
     "val_dice_mean",
     "members",
+    "prior_weight",
     "variant",
     "cpu_sec_per_iter",
     "cpu_sec_per_iter_vs_cts",
@@ -407,7 +408,7 @@ def train_and_evaluate(
     Validation runs once, on the final model (``val_interval`` is past the end): it chooses the students'
     member weights (:class:`~monai_ssl.engines.selection.StudentSelection`), with which the model is evaluated
     on the test group; ``val_dice_mean`` is the same evaluation on the validation group (what recipes are chosen
-    by) and ``members`` the chosen weights.
+    by), ``members`` the chosen weights and ``prior_weight`` the chosen share of the registration prior.
     """
 
     output_dir = output_root / method
@@ -458,8 +459,9 @@ def train_and_evaluate(
         )
         ev.initialize()
         ev.run()
-        members = ev.parser.get_parsed_content("network").member_weights.tolist()
-        del ev
+        network = ev.parser.get_parsed_content("network")
+        members, prior_weight = network.member_weights.tolist(), float(network.prior_weight)
+        del ev, network
     eval_s = time.perf_counter() - start
     summary = pd.read_csv(output_dir / "eval" / "metrics_summary.csv")
     val_summary = pd.read_csv(output_dir / "eval_validation" / "metrics_summary.csv")
@@ -467,6 +469,7 @@ def train_and_evaluate(
         **metrics_row(summary),
         "val_dice_mean": metrics_row(val_summary)["dice_mean"],
         "members": "/".join(f"{w:.2f}" for w in members),
+        "prior_weight": prior_weight,
         "sec_per_iter": timer.sec_per_iter,
         "cpu_sec_per_iter": timer.cpu_sec_per_iter,
         "data_sec_per_iter": timer.data_sec_per_iter,
@@ -521,7 +524,7 @@ def benchmark(
                     labeled_datalist(base, n, work_dir, settings.seed), settings.labels, run_dir, settings.seed
                 )
                 reg = None
-                if needs_registration(method, configs):
+                if needs_registration(method, configs) or overrides.get("registration_prior"):
                     reg = _registration_for(
                         dl_path,
                         base,

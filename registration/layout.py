@@ -10,6 +10,7 @@ Free of ITK and torch, so training code (``monai_ssl.data.pipeline``) and benchm
     OUT/<kind>/brs.json                        the selection written by ``select``
     OUT/<kind>/registered_labels/<case>.nii.gz           registered label of each unlabelled case
     OUT/<kind>/registered_probabilities/<case>.nii.gz    fused class probabilities (4D, uint8 / 255)
+    OUT/<kind>/priors/<case>.nii.gz                      registration prior of each validation/test case (same)
     OUT/<kind>/reg_only/                       the registration-only baseline written by ``report``
 """
 
@@ -27,7 +28,11 @@ from registration.pairs import pair_stem
 __all__ = ["Layout", "SELECTED_FILES"]
 
 # what a brs.json case entry may point to -> how error messages name it
-SELECTED_FILES = {"registered_label": "registered label", "registered_probabilities": "registered probabilities"}
+SELECTED_FILES = {
+    "registered_label": "registered label",
+    "registered_probabilities": "registered probabilities",
+    "prior": "registration prior",
+}
 
 
 class Layout:
@@ -89,6 +94,10 @@ class Layout:
         """Where ``select`` writes the fused class probabilities of an unlabelled case (4D, uint8 / 255)."""
         return self.root / "registered_probabilities" / f"{case_id}.nii.gz"
 
+    def prior_path(self, case_id: str) -> Path:
+        """Where ``select`` writes the registration prior of a validation or test case (4D, uint8 / 255)."""
+        return self.root / "priors" / f"{case_id}.nii.gz"
+
     def read_selection(self) -> dict[str, Any]:
         """``brs.json`` as written by ``select``: every score, the choice and strategy of each unlabelled case."""
         if not self.selection_path.exists():
@@ -103,7 +112,7 @@ class Layout:
         a listed file that is missing is an error naming it."""
         if what not in SELECTED_FILES:
             raise ValueError(f"what must be one of {sorted(SELECTED_FILES)}, got {what!r}")
-        cases = self.read_selection().get("cases", {})
+        cases = self.read_selection().get("priors" if what == "prior" else "cases", {})
         out = {cid: self.root / c[what] for cid, c in cases.items() if c.get(what)}
         listed = f"{SELECTED_FILES[what]} listed in {self.selection_path} is missing"
         missing = [f"{p}: {listed}" for p in out.values() if not p.exists()]

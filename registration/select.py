@@ -10,6 +10,10 @@ transform-space ``transform_mm``). The registered label of j is then, by ``strat
   probabilities written beside it (``registered_probabilities/<case_id>.nii.gz``, for soft RSL targets);
 * ``auto`` (default): ``fusion`` when two or more atlases are usable, else ``brs``. On the demo and on deformable
   cohorts the cycle score picked the best atlas no more often than chance (``registration/README.md``).
+
+``select`` also writes the registration prior of every validation and test case (``priors/<case_id>.nii.gz``:
+the same strategy's class probabilities, one-hot for ``brs``), which the trained model may mix into its own
+(``monai_ssl.inference.volume.MixPriord``). Only images are registered, so no evaluation label is read.
 """
 
 from __future__ import annotations
@@ -25,7 +29,16 @@ from monai_ssl.fileio import atomic_write_json, save_nifti
 from registration.fusion import Fusion, fuse_labels
 from registration.store import RegistrationStore
 
-__all__ = ["SCORES", "STRATEGIES", "Selection", "choose_atlas", "registered_label", "propagate", "run_select"]
+__all__ = [
+    "SCORES",
+    "STRATEGIES",
+    "Selection",
+    "choose_atlas",
+    "registered_label",
+    "propagate",
+    "write_prior",
+    "run_select",
+]
 
 log = logging.getLogger("registration")
 SCORES = {"published": "score", "transform": "transform_mm"}
@@ -120,9 +133,22 @@ def propagate(
     return strategy, label
 
 
+def write_prior(store: RegistrationStore, target: str, entry: dict[str, Any], how: Selection, path) -> str:
+    """Write ``target``'s class probabilities by the strategy for its usable atlases (``brs``: the chosen atlas
+    alone, i.e. its one-hot label) as :func:`save_probabilities` does; return the strategy."""
+    usable = [a for a, s in entry["scores"].items() if s["status"] == "ok"]
+    strategy = how.strategy_for(len(usable))
+    atlases = usable if strategy == "fusion" else [entry["choice"]]
+    _, probs = fuse_labels(store, target, atlases, store.num_classes, how.fusion)
+    save_probabilities(probs, store.cases[target]["image"], path)
+    return strategy
+
+
 def run_select(store: RegistrationStore, how: Selection = Selection(), progress: bool = True) -> dict[str, Any]:
     """Registered labels for every unlabelled case: ``brs.json`` (every score, BRS's choice, the strategy used),
-    ``registered_labels/<case_id>.nii.gz`` and, for fused cases, ``registered_probabilities/<case_id>.nii.gz``."""
+    ``registered_labels/<case_id>.nii.gz`` and, for fused cases, ``registered_probabilities/<case_id>.nii.gz``;
+    and the registration prior of every validation and test case (``priors/<case_id>.nii.gz``, under
+    ``priors`` in ``brs.json``, apart from the training cases so no training reader can take one)."""
     atlases, targets = store.group("labeled"), store.group("unlabeled")
     if not atlases:
         raise ValueError(f"{store.root}: the datalist has no labelled case to select from")
@@ -144,6 +170,16 @@ def run_select(store: RegistrationStore, how: Selection = Selection(), progress:
                 probs.unlink(missing_ok=True)  # a stale fusion of an earlier run must not pass for this one
             log.info("select %s: %s (BRS atlas %s)", target, strategy, entry["choice"])
         cases[target] = entry
+    priors = {}
+    for target in tqdm(store.group("validation") + store.group("test"), desc="priors", unit="case", disable=not progress):
+        entry = choose_atlas(store, target, atlases, how)
+        if entry["choice"] is None:
+            log.warning("prior %s: no labelled atlas has both directions registered; no prior", target)
+            store.prior_path(target).unlink(missing_ok=True)
+            continue
+        entry["strategy"] = write_prior(store, target, entry, how, store.prior_path(target))
+        entry["prior"] = str(store.prior_path(target).relative_to(store.root))
+        priors[target] = entry
     result = {
         "kind": store.kind,
         "score": how.score,
@@ -156,6 +192,7 @@ def run_select(store: RegistrationStore, how: Selection = Selection(), progress:
         "label_interpolation": how.interpolation,
         "cases": cases,
         "failed": failed,
+        "priors": priors,
         "mean_choice_score": float(
             np.mean([c["scores"][c["choice"]][SCORES[how.score]] for c in cases.values() if c["choice"]])
         )

@@ -41,7 +41,7 @@ def tiny_registered(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_registered")
     datalist = tiny_dataset(root / "data")
     for cmd in ("precompute", "select"):
-        extra = ["--workers", "1", "--no-eval", "--no-progress"] if cmd == "precompute" else ["--no-progress"]
+        extra = ["--workers", "1", "--no-progress"] if cmd == "precompute" else ["--no-progress"]
         res = subprocess.run(
             [sys.executable, "-m", "registration", cmd, "--datalist", str(datalist), "--out", str(root / "reg")]
             + ["--kind", "affine", *extra],

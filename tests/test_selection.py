@@ -76,3 +76,51 @@ def test_weighted_mix_is_the_weighted_mean_of_logits_and_old_checkpoints_load_as
     again.load_state_dict(old)
     assert again.member_weights.tolist() == [0.5, 0.5]
     assert torch.allclose(again(x), 0.5 * (a(x) + b(x)), atol=1e-6)
+
+
+def _prior_case():
+    """A label, a network wrong on one 2x2 block (it calls it background) and a prior right there."""
+    label = torch.zeros(1, 8, 8, dtype=torch.long)
+    label[0, 2:6, 2:6] = 1
+    label[0, 6:, :] = 2
+    seen = label.clone()
+    seen[0, 2:4, 2:4] = 0  # the network misses a quarter of class 1
+    prior = torch.nn.functional.one_hot(label[0], 3).movedim(-1, 0).float()
+    return label, seen, prior
+
+
+def test_selection_chooses_the_prior_share_by_hand_computed_dice_and_records_it():
+    label, seen, prior = _prior_case()
+    ensemble = StudentEnsemble([Oracle(seen)])  # logits 4 on its class: softmax 0.9647 against 0.0177
+    engine = _engine(label)
+    engine.data_loader[0]["reg_prob"] = prior[None]
+    StudentSelection(ensemble, SimpleInferer(), num_classes=3)(engine)
+    # class 1 Dice without the prior: 2*12/(12+16) = 0.857, class 2: 1 -> mean 0.929; on the missed block the
+    # prior wins once (1-w)*0.0177 + w > (1-w)*0.9647, i.e. w > 0.486: from w = 0.5 on, every class is exact
+    assert engine.state.metrics["val_dice_student0"] == pytest.approx((24 / 28 + 1) / 2)
+    assert engine.state.metrics["val_dice_student0_prior0.4"] == pytest.approx((24 / 28 + 1) / 2)
+    assert engine.state.metrics["val_dice_student0_prior0.5"] == pytest.approx(1.0)
+    assert ensemble.prior_weight.item() == pytest.approx(0.5)  # ties: the smallest share that scores 1
+    fresh = StudentEnsemble([Oracle(seen)])
+    fresh.load_state_dict(ensemble.state_dict())
+    assert fresh.prior_weight.item() == pytest.approx(0.5)
+
+
+def test_selection_without_priors_keeps_the_network_alone():
+    label, seen, _ = _prior_case()
+    ensemble = StudentEnsemble([Oracle(seen), Oracle(label)])
+    engine = _engine(label)
+    StudentSelection(ensemble, SimpleInferer(), num_classes=3)(engine)
+    assert ensemble.prior_weight.item() == 0.0
+    assert not [k for k in engine.state.metrics if "prior" in k]
+    assert ensemble.member_weights.tolist() == [0.0, 1.0]
+
+
+def test_old_checkpoints_load_without_a_prior_and_the_weight_is_checked():
+    ens = StudentEnsemble([nn.Conv2d(1, 2, 1)])
+    old = {k: v for k, v in ens.state_dict().items() if k != "prior_weight"}
+    ens.set_prior_weight(0.3)
+    ens.load_state_dict(old)
+    assert ens.prior_weight.item() == 0.0
+    with pytest.raises(ValueError, match="within"):
+        ens.set_prior_weight(1.5)

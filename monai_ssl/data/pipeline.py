@@ -32,6 +32,8 @@ __all__ = [
     "training_datasets",
     "evaluation_dataset",
     "attach_registered_labels",
+    "attach_priors",
+    "registration_priors",
     "patch_augmentations",
     "registered_labels",
     "registered_probabilities",
@@ -43,10 +45,13 @@ def _datalist(datalist: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, A
 
 
 def attach_registered_labels(
-    cases: Sequence[dict[str, Any]], registered_labels: Mapping[str, str] | None, key: str = "reg_label"
+    cases: Sequence[dict[str, Any]],
+    registered_labels: Mapping[str, str] | None,
+    key: str = "reg_label",
+    what: str | None = None,
 ) -> list[dict[str, Any]]:
     """Add ``key`` paths (case_id -> NIfTI on that case's grid: registered labels, or with ``key="reg_prob"``
-    their class probabilities) to unlabelled cases.
+    their class probabilities, or the registration priors of evaluation cases) to ``cases``.
 
     Every case must have one when a mapping is given, so a stale or partial registration output fails here,
     naming the missing cases, rather than silently training without registration supervision.
@@ -55,8 +60,8 @@ def attach_registered_labels(
         return list(cases)
     missing = [c["case_id"] for c in cases if c["case_id"] not in registered_labels]
     if missing:
-        what = "registered label" if key == "reg_label" else "registered class probabilities"
-        raise InputError(f"no {what} for unlabelled case(s) {', '.join(missing)}")
+        what = what or ("registered label" if key == "reg_label" else "registered class probabilities")
+        raise InputError(f"case(s) {', '.join(missing)}: no {what}")
     return [dict(c, **{key: str(registered_labels[c["case_id"]])}) for c in cases]
 
 
@@ -77,6 +82,19 @@ def registered_labels(
                 "`select --strategy auto|fusion`"
             )
     return out
+
+
+def registration_priors(registration_dir: str | os.PathLike, kind: str = "affine") -> dict[str, str]:
+    """case_id -> registration prior (4D class probabilities) of every validation and test case ``select`` wrote."""
+    return {cid: str(p) for cid, p in Layout(registration_dir, kind).selected("prior").items()}
+
+
+def attach_priors(cases: Sequence[dict[str, Any]], priors: Mapping[str, str] | None) -> list[dict[str, Any]]:
+    """Add each case's registration prior (``reg_prob``, :class:`~monai_ssl.inference.volume.MixPriord`); every
+    case must have one when ``priors`` is given (None: no prior, the cases unchanged)."""
+    hint = "registration prior (register them: `python -m registration precompute` without --no-eval, then " \
+        "`select`; or pass --registration_prior false)"
+    return attach_registered_labels(cases, priors, PROBABILITY_KEYS[0], hint)
 
 
 def registered_probabilities(registration_dir: str | os.PathLike, kind: str = "affine") -> dict[str, str]:
@@ -184,9 +202,12 @@ def evaluation_dataset(
     pixdim: Sequence[float] = DEFAULT_PIXDIM,
     cache_num_workers: int = 0,
     spatial_dims: int = 2,
+    priors: Mapping[str, str] | None = None,
 ) -> VolumeDataset:
-    """Preprocessed whole volumes (image and label) of an evaluation group, for validation during training."""
+    """Preprocessed whole volumes (image and label, and with ``priors`` the registration prior) of an evaluation
+    group, for validation during training."""
     dl = _datalist(datalist)
     modality, n_classes = dl.get("modality", "MR"), num_classes(dl)
     vol_tf = volume_transforms(modality=modality, pixdim=pixdim, num_classes=n_classes, slices=spatial_dims == 2)
-    return VolumeDataset(group_cases(dl, group), vol_tf, num_workers=cache_num_workers, progress=False)
+    cases = attach_priors(group_cases(dl, group), priors)
+    return VolumeDataset(cases, vol_tf, num_workers=cache_num_workers, progress=False)

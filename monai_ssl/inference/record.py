@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 MODEL_RECORD = "model.json"
 #: what a model records; every key is also a bundle key of the same name
 RECORDED_KEYS = ("method", "modality", "num_classes", "class_names", "pixdim", "spatial_dims", "context",
-                 "patch_size")  # fmt: skip
+                 "patch_size", "registration_prior", "registration_kind")  # fmt: skip
 
 
 def _plain(value: Any) -> Any:

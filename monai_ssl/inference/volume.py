@@ -19,7 +19,7 @@ from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTra
 
 from monai_ssl.data.datalist import GROUPS, load_datalist
 from monai_ssl.data.transforms import DEFAULT_PIXDIM, IMAGE_KEY, volume_transforms
-from monai_ssl.data.validation import InputError, check_case
+from monai_ssl.data.validation import PROBABILITY_KEYS, InputError, check_case
 from monai_ssl.fileio import save_nifti
 from monai_ssl.metrics.uncertainty import entropy
 
@@ -30,6 +30,7 @@ __all__ = [
     "inference_preprocessing",
     "inference_postprocessing",
     "EntropyMapd",
+    "MixPriord",
     "SplitLastChanneld",
     "SaveVolumed",
 ]
@@ -120,6 +121,45 @@ class EntropyMapd(MapTransform):
         return d
 
 
+class MixPriord(MapTransform):
+    """``(1 - w) * probabilities + w * prior``: the model's class probabilities mixed with the registration prior
+    of the same case (its atlases' fused labels, preprocessed onto the same grid), before the argmax.
+
+    ``weight`` is a number, or a module with a ``prior_weight`` buffer (a
+    :class:`~monai_ssl.networks.ensemble.StudentEnsemble`), read at every call, so the value validation chose
+    and the checkpoint loaded is the one used. With weight 0 nothing is read and no prior is needed.
+    """
+
+    def __init__(self, keys: str = PRED_KEY, weight: float | Any = 0.0, prior_key: str = PROBABILITY_KEYS[0]):
+        super().__init__(keys)
+        self.weight, self.prior_key = weight, prior_key
+
+    def current_weight(self) -> float:
+        return float(getattr(self.weight, "prior_weight", self.weight))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        w = self.current_weight()
+        if w == 0.0:
+            return d
+        where = str(d[IMAGE_KEY].meta.get("filename_or_obj", "")) if IMAGE_KEY in d else str(d.get("case_id", ""))
+        if self.prior_key not in d:
+            raise InputError(
+                f"{where}: the model mixes in {w:g} of the registration prior and this case has none: register it "
+                "(`python -m registration precompute` and `select`, with the case in the datalist's test group) and "
+                "pass --registration_dir, or set --prior_weight 0 to use the network alone"
+            )
+        prior = d[self.prior_key]
+        for key in self.key_iterator(d):
+            if tuple(prior.shape) != tuple(d[key].shape):
+                raise InputError(
+                    f"{where}: registration prior has shape {tuple(prior.shape)}, the prediction "
+                    f"{tuple(d[key].shape)} (classes first): a prior of another label set or grid"
+                )
+            d[key] = d[key] * (1.0 - w) + prior.to(d[key].device, d[key].dtype) * w
+        return d
+
+
 class SplitLastChanneld(MapTransform):
     """Move the last channel of ``keys`` to ``output_key`` (e.g. the refinement variance a
     :class:`~monai_ssl.networks.ensemble.StudentEnsemble` with ``refine_variance`` appends to its logits)."""
@@ -184,8 +224,10 @@ def inference_postprocessing(
     output_dir: str | os.PathLike | None = None,
     uncertainty: bool = False,
     variance: bool = False,
+    prior_weight: float | Any = 0.0,
 ) -> Compose:
-    """Softmax -> invert the preprocessing on the probabilities -> (entropy) -> argmax -> (save).
+    """Softmax -> (registration prior, :class:`MixPriord`) -> invert the preprocessing on the probabilities ->
+    (entropy) -> argmax -> (save).
 
     Probabilities are resampled back (bilinear), then the argmax taken on the input's grid, which is more
     accurate than resampling a label map. ``variance``: the network's last channel is the diffusion refinement's
@@ -196,6 +238,7 @@ def inference_postprocessing(
     steps: list = [SplitLastChanneld(PRED_KEY, VARIANCE_KEY)] if variance else []
     steps += [
         Activationsd(PRED_KEY, softmax=True),
+        MixPriord(PRED_KEY, prior_weight),
         Invertd(inverted, transform=preprocessing, orig_keys=IMAGE_KEY, nearest_interp=False, to_tensor=True),
     ]
     if uncertainty:

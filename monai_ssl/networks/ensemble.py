@@ -18,6 +18,10 @@ class StudentEnsemble(nn.Module):
     :class:`~monai_ssl.engines.selection.StudentSelection` sets it to what validated best (one student alone,
     or a mix), and evaluation, inference and export then use exactly that. Students of weight 0 are not run.
 
+    ``prior_weight`` (a buffer too, 0 by default) is how much of the registration prior the model's probabilities
+    take at evaluation and inference, ``(1 - w) * softmax + w * prior``: chosen on validation by the same
+    selection and applied after the softmax by :class:`~monai_ssl.inference.volume.MixPriord`, not by ``forward``.
+
     It is a plain ``nn.Module`` whose ``forward`` returns a tensor, so MONAI inferers (``SliceInferer`` feeds it
     slice batches), ``ckpt_export`` and TorchScript tracing treat it like any single network.
 
@@ -60,6 +64,7 @@ class StudentEnsemble(nn.Module):
             )
         self.networks = nn.ModuleList(networks)
         self.register_buffer("member_weights", torch.full((len(networks),), 1.0 / len(networks)))
+        self.register_buffer("prior_weight", torch.zeros(()))
         self.refiner = refiner
         self.refine_steps, self.refine_samples = int(refine_steps), int(refine_samples)
         self.refine_variance, self.refine_seed = bool(refine_variance), refine_seed
@@ -73,9 +78,16 @@ class StudentEnsemble(nn.Module):
             )
         self.member_weights.copy_(w / w.sum())
 
+    def set_prior_weight(self, weight: float) -> None:
+        """Mix ``weight`` (0..1) of the registration prior into the probabilities from now on, and save it."""
+        if not 0.0 <= float(weight) <= 1.0:
+            raise ValueError(f"prior weight must be within [0, 1], got {weight}")
+        self.prior_weight.fill_(float(weight))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # checkpoints written before member weights existed used the plain mean
+        # checkpoints written before member (prior) weights existed used the plain mean (no prior)
         state_dict.setdefault(prefix + "member_weights", torch.full((len(self.networks),), 1.0 / len(self.networks)))
+        state_dict.setdefault(prefix + "prior_weight", torch.zeros(()))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def mix(self, logits: Sequence[torch.Tensor | None]) -> torch.Tensor:
