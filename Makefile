@@ -61,7 +61,7 @@ demo: install
 	@echo "== 5/6 inference bundle on a test volume =="
 	$(PY) -m monai.bundle run --config_file "['$(BUNDLE)/inference.json','$(BUNDLE)/methods/$(DEMO_METHOD).json']" \
 		--output_root $(OUT_ROOT) --input_dir $(DEMO_DIR)/datalist.json --uncertainty True \
-		--output_dir $(OUT_ROOT)/$(DEMO_METHOD)/inference
+		--registration_dir $(REG_DIR) --output_dir $(OUT_ROOT)/$(DEMO_METHOD)/inference
 	@echo "== 6/6 results: $(DEMO_METHOD) against the registration-only baseline on the same test case =="
 	@$(PY) -c "$$DEMO_TABLE" $(OUT_ROOT)/$(DEMO_METHOD)/eval/metrics_summary.csv $(REG_DIR)/$(REG_KIND)/reg_only/per_case.csv $(DEMO_METHOD)
 	@echo "registration-only baseline:   $(REG_DIR)/$(REG_KIND)/reg_only/"

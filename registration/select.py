@@ -171,7 +171,9 @@ def run_select(store: RegistrationStore, how: Selection = Selection(), progress:
             log.info("select %s: %s (BRS atlas %s)", target, strategy, entry["choice"])
         cases[target] = entry
     priors = {}
-    for target in tqdm(store.group("validation") + store.group("test"), desc="priors", unit="case", disable=not progress):
+    for target in tqdm(
+        store.group("validation") + store.group("test"), desc="priors", unit="case", disable=not progress
+    ):
         entry = choose_atlas(store, target, atlases, how)
         if entry["choice"] is None:
             log.warning("prior %s: no labelled atlas has both directions registered; no prior", target)

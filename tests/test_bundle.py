@@ -167,6 +167,27 @@ def test_cctr_bundle_trains_with_registration_terms_and_logs_at_the_true_iterati
         assert sorted(steps.get(tag, [])) == [1, 2, 3], tag
     for tag in VAL_TAGS:
         assert sorted(steps.get(tag, [])) == [2, 3], tag
+    # the validation scored the registration prior's shares; model.json says which registration it needs
+    assert sorted(steps.get("val_dice_student0_prior0.5", [])) == [2, 3]
+    record = json.loads((out / "cctr" / "models" / "model.json").read_text())
+    assert record["registration_prior"] is True and record["registration_kind"] == "affine"
+    # a model that mixes in the prior: inference needs the test volumes' priors, and says so otherwise
+    ckpt_path = out / "cctr" / "models" / "model_final.pt"
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state["prior_weight"] = torch.tensor(0.5)
+    torch.save(state, out / "cctr" / "models" / "model.pt")
+    infer = dict(TINY, output_root=str(out), input_dir=str(tiny_registered / "data" / "datalist.json"),
+                 input_groups=["validation"], progress=False)  # fmt: skip
+    with pytest.raises(Exception) as e:
+        run("run", config_file=configs("inference.json", "methods/cctr.json"), output_dir=str(tmp_path / "a"), **infer)
+    assert any(isinstance(c, InputError) and "val.nii.gz: the model mixes in 0.5 of the registration prior" in str(c)
+               for c in _chain(e.value))  # fmt: skip
+    run("run", config_file=configs("inference.json", "methods/cctr.json"), output_dir=str(tmp_path / "b"),
+        registration_dir=str(tiny_registered / "reg"), **infer)  # fmt: skip
+    assert len(list((tmp_path / "b").glob("*_seg.nii.gz"))) == 1
+    run("run", config_file=configs("inference.json", "methods/cctr.json"), output_dir=str(tmp_path / "c"),
+        prior_weight=0.0, **infer)  # fmt: skip
+    assert len(list((tmp_path / "c").glob("*_seg.nii.gz"))) == 1
 
 
 @pytest.mark.parametrize("method, teacher_key", [("mt", "1.teacher"), ("uamt", "1.teacher"), ("fixmatch", "1.teacher"),

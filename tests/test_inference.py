@@ -43,14 +43,16 @@ def blob_case(tmp_path, name="case_a", shape=(26, 30, 7)):
     return img, lab, label
 
 
-def run(cases, out_dir, uncertainty=False, handlers=None, network=None, variance=False):
+def run(cases, out_dir, uncertainty=False, handlers=None, network=None, variance=False, prior_weight=0.0):
     pre = inference_preprocessing(modality="CT", pixdim=(1.0, 1.0, -1.0), ct_window=(0.0, 1000.0))
     evaluator = SupervisedEvaluator(
         device="cpu",
         val_data_loader=DataLoader(Dataset(cases, pre), batch_size=1),
         network=StudentEnsemble([Threshold(), Threshold()]) if network is None else network,
         inferer=SliceInferer(roi_size=(16, 16), spatial_dim=2, sw_batch_size=4),
-        postprocessing=inference_postprocessing(pre, out_dir, uncertainty=uncertainty, variance=variance),
+        postprocessing=inference_postprocessing(
+            pre, out_dir, uncertainty=uncertainty, variance=variance, prior_weight=prior_weight
+        ),
         val_handlers=handlers,
     )
     evaluator.run()
@@ -76,6 +78,50 @@ def test_prediction_lands_on_input_grid_with_same_geometry(tmp_path):
     assert inner.sum() > 20 and e[inner].max() < 0.01  # confident inside the blob, uncertain only at its edge
     assert e[label == 1].max() > 0.3
     assert not list((tmp_path / "out").glob(".tmp-*"))
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_registration_prior_is_mixed_on_the_preprocessed_grid_and_lands_on_the_input_grid(tmp_path):
+    """A confident network (the blob) and a one-hot prior of another shape (a box), on an oblique LPS grid."""
+    img_path, _, label = blob_case(tmp_path)
+    box = np.zeros(label.shape, bool)
+    box[12:22, 4:14, 1:6] = True
+    prior_path = write_nifti(
+        tmp_path / "priors" / "case_a.nii.gz", np.stack([~box, box], -1), nib.load(img_path).affine, np.float32
+    )
+    cases = [dict(c, reg_prob=prior_path) for c in inference_cases(tmp_path / "in")]
+    network = StudentEnsemble([Threshold()])
+    results = {}
+    for name, weight in (("registration alone", 1.0), ("confident network wins", 0.3), ("from the model", network)):
+        if name == "from the model":
+            network.set_prior_weight(0.9)  # read when called, as after loading a checkpoint
+        run(cases, tmp_path / name, network=network, prior_weight=weight)
+        results[name] = np.asarray(nib.load(tmp_path / name / "case_a_seg.nii.gz").dataobj).astype(bool)
+    assert _dice(box, label.astype(bool)) < 0.5  # the two answers differ
+    assert _dice(results["registration alone"], box) > 0.95  # the prior went through reorient/resample and back
+    assert _dice(results["from the model"], box) > 0.95
+    # softmax 1 - 2e-4 on the blob: (1 - w) * p beats w * 1 for w = 0.3, so the network's labels stay
+    assert _dice(results["confident network wins"], label.astype(bool)) > 0.95
+
+
+def test_prior_mix_by_hand_and_its_errors():
+    from monai.data import MetaTensor
+
+    from monai_ssl.inference.volume import MixPriord
+
+    probs = torch.tensor([0.9, 0.1]).view(2, 1, 1, 1).repeat(1, 2, 2, 1)
+    prior = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).repeat(1, 2, 2, 1)
+    image = MetaTensor(torch.zeros(1, 2, 2, 1), meta={"filename_or_obj": "/data/x.nii.gz"})
+    out = MixPriord("pred", 0.25)({"pred": probs, "reg_prob": prior, "image": image})["pred"]
+    torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor([0.675, 0.325]))  # 0.75 * (0.9, 0.1) + 0.25 * (0, 1)
+    assert MixPriord("pred", 0.0)({"pred": probs, "image": image})["pred"] is probs  # no prior needed at weight 0
+    with pytest.raises(InputError, match=r"/data/x.nii.gz: the model mixes in 0.25 of the registration prior"):
+        MixPriord("pred", 0.25)({"pred": probs, "image": image})
+    with pytest.raises(InputError, match="another label set"):
+        MixPriord("pred", 0.25)({"pred": probs, "reg_prob": prior[:1], "image": image})
 
 
 def test_evaluation_report_on_original_labels(tmp_path):

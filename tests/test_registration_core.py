@@ -230,6 +230,15 @@ def test_brs_picks_the_consistent_atlas_and_report_scores_it(tmp_path):
         assert entry["scores"]["bad"]["transform_mm"] > 2.0 > 0.01 > entry["scores"]["good"]["transform_mm"]
         assert entry["strategy"] == "brs" and not store.registered_probabilities_path("u").exists()
     assert json.loads((root / "brs.json").read_text())["cases"]["u"]["choice"] == "good"
+    # the validation case's registration prior: BRS's atlas alone, i.e. the one-hot of its warped label
+    assert brs["priors"]["e"]["strategy"] == "brs" and "e" not in brs["cases"]  # never a training target
+    assert store.selected("prior") == {"e": store.prior_path("e")}
+    prior = nib.load(store.prior_path("e"))
+    np.testing.assert_allclose(prior.affine, nib.load(store.cases["e"]["image"]).affine, atol=1e-5)
+    brs_prior = prior.get_fdata()
+    assert set(np.unique(np.round(brs_prior, 3))) == {0.0, 1.0}  # 255 * (1/255): one-hot up to float rounding
+    warped = store.warp(brs["priors"]["e"]["choice"], onto="e", what="label")
+    np.testing.assert_array_equal(brs_prior.argmax(-1), warped)
     written = nib.load(store.registered_label_path("u"))
     np.testing.assert_allclose(written.affine, nib.load(store.cases["u"]["image"]).affine, atol=1e-5)
     truth = sitk.GetArrayFromImage(u_label).transpose(2, 1, 0)
@@ -247,6 +256,12 @@ def test_brs_picks_the_consistent_atlas_and_report_scores_it(tmp_path):
     assert (label == truth).mean() > 0.95
     # registration-only baseline on the labelled validation case: brs, fusion and oracle rows
     result = run_report(store, Selection(), progress=False)
+    # ... whose fused label is the argmax of the prior `select` wrote for it
+    fused_prior = nib.load(store.prior_path("e")).get_fdata()
+    baseline = np.asarray(nib.load(root / "reg_only" / "labels" / "e.nii.gz").dataobj)
+    sure = fused_prior.max(-1) > 0.51
+    np.testing.assert_array_equal(fused_prior.argmax(-1)[sure], baseline[sure])
+    assert not np.array_equal(fused_prior, brs_prior)
     per_case = pd.read_csv(root / "reg_only" / "per_case.csv")
     by = {s: g.set_index("class_name") for s, g in per_case.groupby("strategy")}
     assert set(by) == {"brs", "fusion", "oracle"} and set(per_case["class_name"]) == {"body", "a", "b"}

@@ -79,7 +79,9 @@ class StudentSelection:
         """The prior shares tried (:data:`PRIOR_WEIGHTS` when the data has priors, else none) and the mean
         foreground Dice of every candidate mix (rows) with each share (columns) over the evaluator's data
         (classes absent from both ignored)."""
-        metrics = [[DiceMetric(include_background=False, ignore_empty=True) for _ in PRIOR_WEIGHTS] for _ in self.candidates]
+        metrics = [
+            [DiceMetric(include_background=False, ignore_empty=True) for _ in PRIOR_WEIGHTS] for _ in self.candidates
+        ]
         device, with_prior = engine.state.device, False
         self.ensemble.eval()
         for batch in engine.data_loader:
