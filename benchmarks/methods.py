@@ -102,6 +102,8 @@ INFO_COLUMNS = [
     "train_s",
     "eval_s",
     "labels",
+    "seed",
+    "registration_kind",
     "status",
 ]
 LABEL_KINDS = ("clean", "noisy", "scribbles")
@@ -515,6 +517,8 @@ def benchmark(
                 "mode": settings.mode,
                 "labels": settings.labels,
                 "variant": variant,
+                "seed": settings.seed,
+                "registration_kind": registration_kind,
             }
             try:
                 _check_method(method, configs)

@@ -242,3 +242,21 @@ def test_script_does_not_shadow_the_registration_package():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith(str(Path("registration") / "__init__.py"))
+
+
+def test_a_registration_prior_makes_any_method_need_the_registration_output(tmp_path):
+    datalist = tiny_with_test(tmp_path / "data")
+    settings = bm.BenchmarkSettings("test", iterations=2, patch_size=(16, 16), batch_size=4, seed=3)
+    df = bm.benchmark(
+        ["unet_ls"],
+        [1],
+        settings,
+        work_dir=tmp_path / "work",
+        datalist=datalist,
+        registration_dir=tmp_path / "no_registration",
+        overrides={"registration_prior": True},
+        progress=False,
+    )
+    row = df.iloc[0]
+    assert row["status"].startswith("not available") and "python -m registration precompute" in row["status"]
+    assert row["variant"] == "registration_prior=true" and row["seed"] == 3 and row["registration_kind"] == "affine"
