@@ -171,6 +171,12 @@ def test_cctr_bundle_trains_with_registration_terms_and_logs_at_the_true_iterati
     assert sorted(steps.get("val_dice_student0_prior0.5", [])) == [2, 3]
     record = json.loads((out / "cctr" / "models" / "model.json").read_text())
     assert record["registration_prior"] is True and record["registration_kind"] == "affine"
+    # evaluation in a fresh process (its config's imports replace training's) reads the validation priors
+    proc = _bundle_cli("run", "evaluating", config_file=configs("train.json", "evaluate.json", "methods/cctr.json"),
+                       output_root=str(out), eval_groups=["validation"], eval_dir=str(tmp_path / "ev"), progress=False,
+                       **common)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert pd.read_csv(tmp_path / "ev" / "metrics_per_case.csv")["case_id"].unique().tolist() == ["val"]
     # a model that mixes in the prior: inference needs the test volumes' priors, and says so otherwise
     ckpt_path = out / "cctr" / "models" / "model_final.pt"
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
