@@ -42,7 +42,8 @@ BUNDLE_ARGS = --dataset_dir $(DEMO_DIR) --registration_dir $(REG_DIR) --registra
 
 # The main job end to end on the embedded demo data: about 10.5 minutes on 2 idle CPU cores from a fresh clone
 # (dataset 0.5 min, affine and B-spline registration about 2 min, 500 CCT-R iterations about 6.5 min, evaluation
-# and inference under 1 min; 7 min 55 s measured with dataset and registration cached).
+# and inference under 1 min; 7 min 55 s measured with dataset and registration cached; 8 min 15 s from a fresh
+# clone with a warm pip cache, session 10).
 demo: install
 	@echo "== 1/6 demo dataset (real donor anatomy, synthetic MR) =="
 	$(PY) -m monai_ssl.demo --out $(DEMO_DIR) --seed $(SEED)
