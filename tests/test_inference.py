@@ -151,3 +151,13 @@ def test_inference_inputs_are_checked_up_front(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no image files"):
         inference_cases(tmp_path / "empty")
+
+
+def test_attach_priors_names_the_cases_without_one():
+    from monai_ssl.data.pipeline import attach_priors
+
+    cases = [{"case_id": "a", "image": "a.nii.gz"}, {"case_id": "b", "image": "b.nii.gz"}]
+    assert attach_priors(cases, None) == cases
+    assert attach_priors(cases[:1], {"a": "/p/a.nii.gz"}) == [dict(cases[0], reg_prob="/p/a.nii.gz")]
+    with pytest.raises(InputError, match=r"case\(s\) b: no registration prior \(register them"):
+        attach_priors(cases, {"a": "/p/a.nii.gz"})

@@ -92,8 +92,10 @@ def registration_priors(registration_dir: str | os.PathLike, kind: str = "affine
 def attach_priors(cases: Sequence[dict[str, Any]], priors: Mapping[str, str] | None) -> list[dict[str, Any]]:
     """Add each case's registration prior (``reg_prob``, :class:`~monai_ssl.inference.volume.MixPriord`); every
     case must have one when ``priors`` is given (None: no prior, the cases unchanged)."""
-    hint = "registration prior (register them: `python -m registration precompute` without --no-eval, then " \
-        "`select`; or pass --registration_prior false)"
+    hint = (
+        "registration prior (register them: `python -m registration precompute` without --no-eval, then `select`;"
+        " or go without it: --registration_prior false in training and evaluation, no --registration_dir in inference)"
+    )
     return attach_registered_labels(cases, priors, PROBABILITY_KEYS[0], hint)
 
 
