@@ -137,3 +137,48 @@ def test_soft_rsl_with_one_hot_targets_equals_hard_rsl_and_needs_fusion(tmp_path
     (tmp_path / "affine" / "brs.json").write_text(json.dumps(brs))
     with pytest.raises(InputError, match="soft RSL targets need label fusion"):
         registered_probabilities(tmp_path, "affine")
+
+
+def _log_probs(*pixels):
+    """(1, C, 1, N) logits whose softmax is the given per-pixel probabilities."""
+    return torch.tensor(pixels, dtype=torch.float32).T.log()[None, :, None, :]
+
+
+def test_peer_refined_targets_follow_the_hand_computed_mixture():
+    """p = 0.7: a one-hot registered class is overruled where the peer's margin over it exceeds 0.3 / 0.7 = 0.43."""
+    reg = torch.zeros(1, 1, 1, 3, dtype=torch.long)  # registration says class 0 at all three pixels
+    # student 1 (the peer of student 0): margins over class 0 of 0.7 (moved), 0.3 (kept) and -0.8 (kept)
+    s1 = _log_probs([0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.9, 0.05, 0.05])
+    # student 0 (the peer of student 1): margin 0.5 for class 2 at the last pixel only
+    s0 = _log_probs([0.8, 0.1, 0.1], [0.8, 0.1, 0.1], [0.2, 0.1, 0.7])
+    ctx = StepContext(0, 10, {}, {"reg_label": reg}, [], [s0, s1])
+    term = RegistrationSupervisionTerm(peer_weight=0.7)
+    expected_targets = [torch.tensor([[[[1, 0, 0]]]]), torch.tensor([[[[0, 0, 2]]]])]  # student 0's, student 1's
+    ref = sum(
+        SupervisedTerm()(StepContext(0, 10, {"label": t}, None, [lg], [])) for lg, t in zip((s0, s1), expected_targets)
+    )
+    assert term(ctx).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert ctx.scalars["rsl/changed"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    # peer_weight 0 is plain RSL; a lone student refines with its own prediction
+    plain = RegistrationSupervisionTerm()(StepContext(0, 10, {}, {"reg_label": reg}, [], [s0, s1]))
+    assert RegistrationSupervisionTerm(peer_weight=0.0)(ctx).item() == pytest.approx(plain.item())
+    alone = RegistrationSupervisionTerm(peer_weight=0.7)(StepContext(0, 10, {}, {"reg_label": reg}, [], [s1]))
+    own = SupervisedTerm()(StepContext(0, 10, {"label": torch.tensor([[[[1, 0, 0]]]])}, None, [s1], []))
+    assert alone.item() == pytest.approx(own.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="peer_weight"):
+        RegistrationSupervisionTerm(peer_weight=1.0)
+
+
+def test_soft_peer_refined_targets_are_the_mixture():
+    reg = torch.tensor([[0.5, 0.5, 0.0]]).T[None, :, None, :].expand(1, 3, 1, 1).clone()  # atlases disagree
+    s0, s1 = _log_probs([0.2, 0.7, 0.1]), _log_probs([0.6, 0.3, 0.1])
+    ctx = StepContext(0, 10, {}, {"reg_prob": reg}, [], [s0, s1])
+    mix0 = 0.4 * s1.exp() + 0.6 * reg  # student 0 learns from student 1: [0.54, 0.42, 0.04]
+    mix1 = 0.4 * s0.exp() + 0.6 * reg
+    want = RegistrationSupervisionTerm(soft=True)
+    ref = want(StepContext(0, 10, {}, {"reg_prob": mix0}, [], [s0])) + want(
+        StepContext(0, 10, {}, {"reg_prob": mix1}, [], [s1])
+    )
+    got = RegistrationSupervisionTerm(soft=True, peer_weight=0.4)(ctx)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(mix0[0, :, 0, 0], torch.tensor([0.54, 0.42, 0.04]))
