@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from monai.losses import DiceCELoss, DiceLoss
-from monai.networks import one_hot
 
 from monai_ssl.losses.schedules import GaussianRampUp, WeightSchedule, as_schedule
 
@@ -195,13 +194,6 @@ class RegistrationSupervisionTerm(SupervisedTerm):
     0.5 by default, since registered labels are available, and usable, from the first iteration. ``soft=True``
     takes the fused class probabilities (``reg_prob``, resampled linearly) as soft targets instead: soft Dice and
     cross-entropy against a distribution, so voxels where the atlases disagree pull less.
-
-    ``peer_weight`` ``p`` > 0 refines the registered label with the students (registration-guided cross
-    teaching): student ``k``'s target becomes ``argmax(p * softmax(peer) + (1 - p) * registered)`` (the mixture
-    itself with ``soft``), the peer being the other student (the mean of the others; a lone student's own
-    prediction), without gradient; ``registered`` is the one-hot registered label (or ``reg_prob``). Where the
-    peer is unsure the registration decides; a one-hot registered class is overruled only where the peer's
-    margin over it exceeds ``(1 - p) / p``. The inference-time prior mix, applied to the training targets.
     """
 
     needs_unlabeled = True
@@ -214,13 +206,10 @@ class RegistrationSupervisionTerm(SupervisedTerm):
         lambda_ce: float = 0.5,
         label_key: str | None = None,
         soft: bool = False,
-        peer_weight: float = 0.0,
     ):
         super().__init__(name, weight, lambda_dice, lambda_ce, label_key or ("reg_prob" if soft else "reg_label"))
-        if not 0.0 <= float(peer_weight) < 1.0:
-            raise ValueError(f"loss term {name!r}: peer_weight must be in [0, 1), got {peer_weight}")
-        self.soft, self.peer_weight = bool(soft), float(peer_weight)
-        if self.soft or self.peer_weight:  # targets are (B, C, H, W) probabilities (refined ones: hard, one-hot)
+        self.soft = bool(soft)
+        if self.soft:  # targets are (B, C, H, W) probabilities
             self.loss = SoftDiceCELoss(lambda_dice, lambda_ce)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
@@ -231,19 +220,7 @@ class RegistrationSupervisionTerm(SupervisedTerm):
                 f"output's {what.replace('_', ' ')} to the datasets ({what}=...)"
             )
         target = ctx.unlabeled[self.label_key]
-        if not self.peer_weight:
-            return sum(self.loss(logits, target) for logits in ctx.logits_u)
-        registered = target.float() if self.soft else one_hot(target.long(), ctx.logits_u[0].shape[1]).float()
-        probs = [logits.detach().float().softmax(1) for logits in ctx.logits_u]
-        total, changed = 0.0, 0.0
-        for k, logits in enumerate(ctx.logits_u):
-            others = [p for j, p in enumerate(probs) if j != k] or probs
-            mix = self.peer_weight * sum(others) / len(others) + (1.0 - self.peer_weight) * registered
-            refined = mix if self.soft else one_hot(mix.argmax(1, keepdim=True), mix.shape[1])
-            changed += float((refined.argmax(1) != registered.argmax(1)).float().mean()) / len(probs)
-            total = total + self.loss(logits, refined)
-        self.report(ctx, changed=changed)  # share of unlabelled pixels whose target the peers moved
-        return total
+        return sum(self.loss(logits, target) for logits in ctx.logits_u)
 
 
 class CrossPseudoTerm(LossTerm):
