@@ -9,7 +9,7 @@ from monai.transforms import RandFlipd, RandHistogramShiftd
 
 from monai_ssl.data.pipeline import patch_augmentations
 from monai_ssl.data.slices import SAMPLED_CLASS_KEY, ForegroundSampler, PatchDataset, SliceDataset, VolumeDataset
-from monai_ssl.data.transforms import PixelToWorldd, RandClassIntensityd, slice_augmentations, volume_transforms
+from monai_ssl.data.transforms import PixelToWorldd, slice_augmentations, volume_transforms
 from tests.conftest import write_nifti
 from tests.test_slices import WINDOW, world_coordinate_volumes
 
@@ -173,8 +173,3 @@ def test_training_datasets_pass_the_sampler_and_flips(tmp_path):
         ds = training_datasets(dl, patch, spatial_dims=dims, pixdim=(-1, -1, -1), intensity_prob=0.4)
         shifts = [t for d in ds for t in d.transform.transforms if isinstance(t, RandHistogramShiftd)]
         assert [t.prob for t in shifts] == [0.4, 0.4], dims  # labelled and unlabelled samples alike
-        lab_ds, unl_ds = training_datasets(dl, patch, spatial_dims=dims, pixdim=(-1, -1, -1), class_intensity=0.1,
-                                           registered_labels={"u": case["label"]})  # fmt: skip
-        tissue = [[t for t in d.transform.transforms if isinstance(t, RandClassIntensityd)] for d in (lab_ds, unl_ds)]
-        assert [(t.label_key, t.amplitude) for t in tissue[0]] == [("label", 0.1)] and tissue[1] == [], dims
-        assert isinstance(lab_ds.transform.transforms[-1], PixelToWorldd)  # after every spatial transform

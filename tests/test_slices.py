@@ -8,13 +8,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from monai_ssl.data.slices import SemiSupervisedLoader, SliceDataset, VolumeDataset, extract_slice
-from monai_ssl.data.transforms import (
-    PixelToWorldd,
-    RandClassIntensityd,
-    intensity_augmentations,
-    slice_augmentations,
-    volume_transforms,
-)
+from monai_ssl.data.transforms import PixelToWorldd, intensity_augmentations, slice_augmentations, volume_transforms
 from tests.conftest import write_nifti
 
 WINDOW = (-1000.0, 1000.0)  # CT window used as an exactly invertible linear intensity map in these tests
@@ -182,38 +176,3 @@ def test_intensity_augmentation_is_a_monotone_remap_of_the_image_only():
         assert torch.equal(torch.as_tensor(out["label"]), label)
         changed += int((flat - ramp.flatten()).abs().max() > 0.02)
     assert changed == 8
-
-
-def test_class_intensity_scales_each_class_by_its_own_factor():
-    """Every class's pixels get one factor in [1 - a, 1 + a], drawn afresh per sample; background and
-    unannotated (ignore) pixels keep theirs; the label is untouched; sigma smooths the factor map."""
-    a, n_classes = 0.2, 4
-    label = torch.tensor([0, 1, 1, 2, 2, 3, 255, 0]).reshape(1, 1, 8).expand(1, 4, 8).clone()
-    image = torch.linspace(0.1, 1.0, 32).reshape(1, 4, 8)
-    tf = RandClassIntensityd("image", "label", n_classes, a, sigma=0.0)
-    tf.set_random_state(3)
-    factors = []
-    for _ in range(300):
-        out = tf({"image": image.clone(), "label": label.clone()})
-        ratio = torch.as_tensor(out["image"]) / image
-        assert torch.equal(out["label"], label)
-        assert torch.allclose(ratio[label == 0], torch.ones(1)) and torch.allclose(ratio[label == 255], torch.ones(1))
-        per_class = [ratio[label == c] for c in (1, 2, 3)]
-        assert all(torch.allclose(r, r[0].expand_as(r)) for r in per_class)  # one factor per class
-        factors.append([float(r[0]) for r in per_class])
-    f = np.array(factors)
-    assert f.min() >= 1 - a - 1e-6 and f.max() <= 1 + a + 1e-6
-    assert f.min() < 1 - 0.9 * a and f.max() > 1 + 0.9 * a  # the whole range is used
-    assert abs(f.mean() - 1.0) < 0.02 and abs(np.corrcoef(f[:, 0], f[:, 1])[0, 1]) < 0.2  # independent classes
-    # prob 0 changes nothing; a smoothed map has no step at a class boundary
-    still = RandClassIntensityd("image", "label", n_classes, a, prob=0.0)({"image": image.clone(), "label": label})
-    assert torch.equal(still["image"], image)
-    smooth = RandClassIntensityd("image", "label", n_classes, a, sigma=2.0)
-    smooth.set_random_state(1)
-    step = RandClassIntensityd("image", "label", n_classes, a, sigma=0.0)
-    step.set_random_state(1)
-    ones = torch.ones(1, 4, 8)
-    jumps = [torch.diff(t({"image": ones.clone(), "label": label})["image"][0, 2]).abs().max() for t in (smooth, step)]
-    assert jumps[0] < 0.6 * jumps[1]
-    with pytest.raises(ValueError, match="amplitude"):
-        RandClassIntensityd("image", "label", n_classes, 1.5)
