@@ -21,7 +21,6 @@ from monai_ssl.data.transforms import (
     IMAGE_KEY,
     PixelToWorldd,
     intensity_augmentations,
-    RandClassIntensityd,
     slice_augmentations,
     spatial_crop_and_flips,
     volume_transforms,
@@ -135,7 +134,6 @@ def training_datasets(
     unlabeled_foreground_fraction: float = 0.0,
     flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
     intensity_prob: float = 0.0,
-    class_intensity: float = 0.0,
     seed: int = 0,
 ) -> tuple[SliceDataset | PatchDataset, SliceDataset | PatchDataset]:
     """Labelled and unlabelled training samples of a datalist.
@@ -159,8 +157,6 @@ def training_datasets(
             only axes across which the anatomy is mirror-symmetric, so none by default.
         intensity_prob: probability of each random-contrast transform on every sample, labelled and unlabelled
             (:func:`~monai_ssl.data.transforms.intensity_augmentations`; 0: off).
-        class_intensity: amplitude of the per-class intensity factors of labelled samples, on their true labels
-            (:class:`~monai_ssl.data.transforms.RandClassIntensityd`; 0: off).
         seed: seed of the class-balanced voxel lists.
     """
     dl = _datalist(datalist)
@@ -191,16 +187,14 @@ def training_datasets(
     for cases, preprocess, fraction, key in groups:
         volumes = VolumeDataset(cases, preprocess, num_workers=cache_num_workers, progress=False) if cases else []
         sampler = ForegroundSampler(volumes, fraction, key, n_classes, seed=seed) if fraction > 0 else None
-        tissue = [RandClassIntensityd(IMAGE_KEY, key, n_classes, class_intensity)] if class_intensity > 0 and key == "label" else []  # fmt: skip
         if spatial_dims == 2:
             aug = dict(augment or {})
             aug.setdefault("flip_axes", flip_axes)
             aug.setdefault("intensity_prob", intensity_prob)
-            tf = slice_augmentations(patch_size, **aug) + tissue + [PixelToWorldd()]
+            tf = slice_augmentations(patch_size, **aug) + [PixelToWorldd()]
             out.append(SliceDataset(volumes, tf, context=context, foreground=sampler))
         else:
-            patch_tf = patch_augmentations(patch_size, flip_axes=flip_axes, intensity_prob=intensity_prob)
-            out.append(PatchDataset(volumes, patch_tf[:-1] + tissue + patch_tf[-1:], sampler))
+            out.append(PatchDataset(volumes, patch_augmentations(patch_size, flip_axes=flip_axes, intensity_prob=intensity_prob), sampler))
     return out[0], out[1]
 
 

@@ -22,13 +22,11 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
-    GaussianSmooth,
     RandAdjustContrastd,
     RandAffined,
     RandFlipd,
     RandHistogramShiftd,
     Randomizable,
-    RandomizableTransform,
     RandSpatialCropd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
@@ -55,7 +53,6 @@ __all__ = [
     "CropAroundCentred",
     "PixelToWorldd",
     "volume_transforms",
-    "RandClassIntensityd",
     "slice_augmentations",
     "intensity_augmentations",
     "embed_slice_affine",
@@ -228,54 +225,6 @@ class CropAroundCentred(Randomizable, MapTransform):
         )
         centre_px = [int(c) for c in centres]
         return SpatialCropd(self.keys, roi_center=centre_px, roi_size=self.roi_size, allow_missing_keys=True)(d)
-
-
-class RandClassIntensityd(RandomizableTransform, MapTransform):
-    """Scale the image's intensities under each class of ``label_key`` by its own random factor in
-    ``[1 - amplitude, 1 + amplitude]`` (background: 1), the factor map smoothed by ``sigma`` pixels.
-
-    Tissue contrasts differ between subjects, ages and scanners (in T1 MR the deep grey nuclei brighten towards
-    white matter with age); a network taught by one labelled subject otherwise learns that subject's contrasts
-    (the idea of SynthSeg's label-conditioned intensities, here mild). Ours: MONAI has no label-conditioned
-    intensity transform. Use it on true labels only: registered labels would paint edges where there are none.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        label_key: str,
-        num_classes: int,
-        amplitude: float,
-        prob: float = 1.0,
-        sigma: float = 1.0,
-        allow_missing_keys: bool = False,
-    ):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        if not 0.0 <= amplitude < 1.0:
-            raise ValueError(f"amplitude must be in [0, 1), got {amplitude}")
-        self.label_key, self.num_classes = label_key, int(num_classes)
-        self.amplitude, self.sigma = float(amplitude), float(sigma)
-        self._factors = np.ones(self.num_classes + 1)
-
-    def randomize(self, data: Any = None) -> None:
-        super().randomize(None)
-        self._factors = np.ones(self.num_classes + 1)  # the last entry: background and unannotated (ignore) pixels
-        self._factors[1:-1] = 1.0 + self.R.uniform(-self.amplitude, self.amplitude, size=self.num_classes - 1)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        label = torch.as_tensor(d[self.label_key]).long()
-        label = torch.where((label > 0) & (label < self.num_classes), label, -1)  # background and ignore: last entry
-        factors = torch.as_tensor(self._factors, dtype=torch.float32)[label]
-        if self.sigma > 0:
-            factors = GaussianSmooth(self.sigma)(factors)
-        for key in self.key_iterator(d):
-            d[key] = d[key] * factors.to(d[key].dtype)
-        return d
 
 
 def spatial_crop_and_flips(
