@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from monai_ssl.data.converters import resplit_datalist  # noqa: E402
-from monai_ssl.data.datalist import GROUPS, load_datalist, split_cases  # noqa: E402
+from monai_ssl.data.datalist import GROUPS, DatalistError, labelable_patients, load_datalist, split_cases  # noqa: E402
 from monai_ssl.fileio import atomic_path  # noqa: E402
 from monai_ssl.metrics.report import summarize_metrics  # noqa: E402
 from registration.layout import Layout  # noqa: E402
@@ -103,6 +104,7 @@ INFO_COLUMNS = [
     "eval_s",
     "labels",
     "seed",
+    "labeled_ids",
     "registration_kind",
     "status",
 ]
@@ -235,24 +237,61 @@ def training_labels(datalist: Path, labels: str, work_dir: Path, seed: int = 0) 
     raise ValueError(f"labels must be one of {LABEL_KINDS}, got {labels!r}")
 
 
-def labeled_datalist(datalist: str | os.PathLike, labeled: int, work_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """The datalist to train with ``labeled`` labelled patients; the given one if it already has that many.
+def _patient_ids(dl: Mapping[str, Any], group: str) -> list[str]:
+    return sorted({str(c.get("patient_id", c["case_id"])) for c in dl.get(group, [])})
 
-    Otherwise the cases are re-split by patient into ``WORK/datalists/labeled_<n>.json``: validation and test
-    stay as they are, the labelled patients of ``datalist`` stay labelled (so labelled sets are nested) and
-    the others are drawn, deterministically for ``seed``, from the remaining labelled-eligible patients
-    (real donors with a label; ``unlabeled_only`` cases never).
-    """
+
+def labeled_splits(datalist: str | os.PathLike, labeled: int, seed: int = 0, every: bool = False) -> list[list[str]]:
+    """The labelled patient sets to train with ``labeled`` labelled patients: the datalist's labelled patients
+    stay labelled (so labelled sets are nested), validation and test stay as they are, and the others are drawn
+    from the remaining labelled-eligible patients (real donors with a label; ``unlabeled_only`` cases never):
+    one draw, deterministic for ``seed``, or with ``every`` each combination once (seeds repeat draws: on the
+    demo, seeds 0 and 2 draw the same second donor)."""
     dl = load_datalist(datalist)
-    ids = {g: sorted({str(c.get("patient_id", c["case_id"])) for c in dl.get(g, [])}) for g in GROUPS}
-    if len(ids["labeled"]) == labeled:
-        return Path(dl["datalist_path"])
+    ids = {g: _patient_ids(dl, g) for g in GROUPS}
     keep = ids["labeled"][:labeled]
+    if labeled <= len(keep):
+        return [keep]
     fixed = set(keep) | set(ids["validation"]) | set(ids["test"])
     pool = [c for g in GROUPS for c in dl.get(g, []) if str(c.get("patient_id", c["case_id"])) not in fixed]
-    extra = split_cases(pool, labeled=labeled - len(keep), seed=seed)["labeled"] if labeled > len(keep) else []
-    chosen = keep + sorted({str(c.get("patient_id", c["case_id"])) for c in extra})
-    out = Path(work_dir) / "datalists" / f"labeled_{labeled}.json"
+    if every:
+        free = labelable_patients(pool)
+        if labeled - len(keep) > len(free):
+            raise DatalistError(f"asked for {labeled} labelled patients but only {len(free)} labelled ones are left")
+        return [keep + list(extra) for extra in itertools.combinations(free, labeled - len(keep))]
+    extra = split_cases(pool, labeled=labeled - len(keep), seed=seed)["labeled"]
+    return [keep + sorted({str(c.get("patient_id", c["case_id"])) for c in extra})]
+
+
+def _splits(datalist: Path, labeled: int, seed: int, every: bool) -> list[list[str]]:
+    try:
+        return labeled_splits(datalist, labeled, seed, every)
+    except DatalistError:  # too few patients: each row of this count reports it (labeled_datalist raises again)
+        return [[]]
+
+
+def labeled_datalist(
+    datalist: str | os.PathLike,
+    labeled: int,
+    work_dir: str | os.PathLike,
+    seed: int = 0,
+    chosen: Sequence[str] | None = None,
+) -> Path:
+    """The datalist to train with ``labeled`` labelled patients; the given one if it already has that many.
+
+    Otherwise the cases are re-split by patient into ``WORK/datalists/labeled_<n>.json`` with the labelled
+    patients ``chosen`` (default: :func:`labeled_splits`'s draw for ``seed``); a ``chosen`` set is named in the
+    file, ``labeled_<n>_<added ids>.json``, so that every set keeps its own datalist and registration folder.
+    """
+    dl = load_datalist(datalist)
+    ids = {g: _patient_ids(dl, g) for g in GROUPS}
+    if (len(ids["labeled"]) == labeled and chosen is None) or (chosen is not None and sorted(chosen) == ids["labeled"]):
+        return Path(dl["datalist_path"])
+    name = f"labeled_{labeled}"
+    if chosen is not None:
+        name += "".join(f"_{p}" for p in chosen if p not in ids["labeled"])
+    chosen = list(chosen) if chosen is not None else labeled_splits(datalist, labeled, seed)[0]
+    out = Path(work_dir) / "datalists" / f"{name}.json"
     return Path(
         resplit_datalist(dl, out, labeled=chosen, validation=ids["validation"], test=ids["test"], seed=seed)[
             "datalist_path"
@@ -494,8 +533,11 @@ def benchmark(
     progress: bool = True,
     on_row: Callable[[pd.DataFrame], Any] | None = None,
     registration_strategy: str = "auto",
+    every_split: bool = False,
 ) -> pd.DataFrame:
-    """One row per (method, labelled count); a method that fails or is not available gets its reason in
+    """One row per (method, labelled count), or with ``every_split`` per (method, labelled set): every
+    combination of added labelled patients (:func:`labeled_splits`), each in ``WORK/labeled_<n>_<added ids>/``;
+    ``labeled_ids`` names the set of each row. A method that fails or is not available gets its reason in
     ``status`` and NaN figures, and the others still run. ``on_row`` receives the table so far after every
     row (the CLI writes it, so a long run that is stopped keeps what it measured)."""
     work_dir, base = Path(work_dir).resolve(), Path(datalist).resolve()
@@ -506,11 +548,14 @@ def benchmark(
     rows = []
     methods = list(dict.fromkeys(methods))  # a method measured twice in one run would make its rows ambiguous
     suffix = "" if settings.labels == "clean" else f"_{settings.labels}"
-    for n in dict.fromkeys(labeled_counts):
+    base_labeled = _patient_ids(load_datalist(base), "labeled")
+    runs = [(n, split) for n in dict.fromkeys(labeled_counts) for split in _splits(base, n, settings.seed, every_split)]
+    for n, split in runs:
         dl_path: Path | None = None
-        run_dir = work_dir / f"labeled_{n}{suffix}"
+        added = [p for p in split if p not in base_labeled] if every_split else []
+        run_dir = work_dir / "_".join([f"labeled_{n}{suffix}", *added])
         for i, method in enumerate(methods, 1):
-            logger.info("[%d labelled] method %d/%d: %s", n, i, len(methods), method)
+            logger.info("[%d labelled: %s] method %d/%d: %s", n, ",".join(split), i, len(methods), method)
             row: dict[str, Any] = {
                 "method": method,
                 "labeled": n,
@@ -518,6 +563,7 @@ def benchmark(
                 "labels": settings.labels,
                 "variant": variant,
                 "seed": settings.seed,
+                "labeled_ids": ",".join(sorted(split)),
                 "registration_kind": registration_kind,
             }
             try:
@@ -525,7 +571,10 @@ def benchmark(
                 if method == REG_ONLY and settings.labels != "clean":
                     raise NotAvailable(f"not available: {REG_ONLY} uses clean atlas labels, not {settings.labels}")
                 dl_path = dl_path or training_labels(
-                    labeled_datalist(base, n, work_dir, settings.seed), settings.labels, run_dir, settings.seed
+                    labeled_datalist(base, n, work_dir, settings.seed, split if every_split and split else None),
+                    settings.labels,
+                    run_dir,
+                    settings.seed,
                 )
                 reg = None
                 if needs_registration(method, configs) or overrides.get("registration_prior"):
@@ -582,15 +631,20 @@ def _tidy(df: pd.DataFrame, ratios: bool = True) -> pd.DataFrame:
 
 def write_results(df: pd.DataFrame, path: str | os.PathLike = RESULT, append: bool = False) -> Path:
     """Write the result table atomically; with ``append``, keep the rows of an existing table whose
-    (method, labeled, mode, labels, variant) this run did not measure (ratios to CTS stay those of each row's own
-    run)."""
+    (method, labeled, mode, labels, variant, labeled_ids) this run did not measure (an old row without
+    ``labeled_ids`` counts as measured by any set; ratios to CTS stay those of each row's own run)."""
     if append and Path(path).exists():
         old = pd.read_csv(path)
         key = ["method", "labeled", "mode", "labels", "variant"]
         old["labels"] = old["labels"].fillna("clean") if "labels" in old else "clean"
         old["variant"] = old["variant"].fillna("default") if "variant" in old else "default"
+        ids = old["labeled_ids"] if "labeled_ids" in old else pd.Series(math.nan, index=old.index)
+        new_ids = df["labeled_ids"] if "labeled_ids" in df else pd.Series(math.nan, index=df.index)
         measured = set(df[key].astype(str).itertuples(index=False))
-        old = old[[k not in measured for k in old[key].astype(str).itertuples(index=False)]]
+        measured_sets = set(zip(df[key].astype(str).itertuples(index=False), new_ids.astype(str), strict=True))
+        keys = list(old[key].astype(str).itertuples(index=False))
+        old = old[[k not in measured or (isinstance(i, str) and (k, i) not in measured_sets)
+                   for k, i in zip(keys, ids, strict=True)]]  # fmt: skip
         df = _tidy(pd.concat([old, df], ignore_index=True), ratios=False)
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
@@ -646,6 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch", type=int, nargs=2, default=None, help="override the preset's patch size (96 96)")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size (8)")
     parser.add_argument("--seed", type=int, default=0, help="training seed and re-split seed (0)")
+    parser.add_argument(
+        "--every-split",
+        action="store_true",
+        help="with more labelled patients than the datalist has: train every set of added patients once, not the "
+        "one --seed draws (rows named by `labeled_ids`)",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine; 0: torch's default)"
     )
@@ -717,6 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         registration_dir=args.registration_dir,
         registration_kind=args.registration_kind,
         registration_strategy=args.registration_strategy,
+        every_split=args.every_split,
         progress=not args.no_progress,
         overrides=_overrides(args.set),
         on_row=lambda partial: write_results(partial, args.out, append=args.append),

@@ -146,6 +146,47 @@ def test_labeled_datalist_resplits_by_patient_keeping_eval_groups_and_nested_lab
         bm.labeled_datalist(datalist, 4, tmp_path / "work")
 
 
+def test_every_split_trains_each_set_of_added_labelled_patients_once(tmp_path):
+    """--every-split: each combination of added labelled patients once, in its own datalist and run folder,
+    each row named by its set; a seeded draw is one of those sets, and the given set passes through."""
+    datalist = tiny_with_test(tmp_path / "data")
+    assert bm.labeled_splits(datalist, 1, every=True) == [["lab"]]
+    assert bm.labeled_splits(datalist, 2, every=True) == [["lab", "u0"], ["lab", "u1"]]
+    assert bm.labeled_splits(datalist, 3, every=True) == [["lab", "u0", "u1"]]
+    drawn = bm.labeled_splits(datalist, 2, seed=0)
+    assert len(drawn) == 1 and drawn[0] in bm.labeled_splits(datalist, 2, every=True)
+    seeded = load_datalist(bm.labeled_datalist(datalist, 2, tmp_path / "w"))
+    assert [c["case_id"] for c in seeded["labeled"]] == drawn[0]
+    with pytest.raises(ValueError, match="only 2 labelled ones are left"):
+        bm.labeled_splits(datalist, 4, every=True)
+    named = bm.labeled_datalist(datalist, 2, tmp_path / "w", chosen=["lab", "u1"])
+    assert named.name == "labeled_2_u1.json"
+    assert sorted(c["case_id"] for c in load_datalist(named)["labeled"]) == ["lab", "u1"]
+    assert bm.labeled_datalist(datalist, 1, tmp_path / "w", chosen=["lab"]) == datalist.resolve()
+
+    settings = bm.BenchmarkSettings("test", iterations=2, patch_size=(16, 16), batch_size=4)
+    overrides = {k: v for k, v in TINY.items() if k not in ("patch_size", "batch_size")}
+    where = {"work_dir": tmp_path / "work", "datalist": datalist, "registration_dir": tmp_path / "none"}
+    df = bm.benchmark(["unet_ls", "no_such_method"], [2, 4], settings, **where, overrides=overrides, progress=False,
+                      every_split=True)  # fmt: skip
+    assert list(zip(df["method"], df["labeled_ids"], strict=True)) == [
+        ("unet_ls", "lab,u0"), ("no_such_method", "lab,u0"), ("unet_ls", "lab,u1"), ("no_such_method", "lab,u1"),
+        ("unet_ls", ""), ("no_such_method", ""),
+    ]  # fmt: skip
+    assert df["status"].tolist()[:4:2] == ["ok", "ok"] and "only 2 labelled ones are left" in df["status"].iloc[4]
+    for added in ("u0", "u1"):
+        run = tmp_path / "work" / f"labeled_2_{added}" / "unet_ls"
+        assert (run / "eval" / "metrics_summary.csv").exists()
+    # --append replaces a set's row measured again and keeps the other sets'
+    path = bm.write_results(df.iloc[:4], tmp_path / "m.csv")
+    again = df.iloc[[2]].assign(dice_mean=0.5)
+    table = pd.read_csv(bm.write_results(again, path, append=True))
+    assert len(table) == 4
+    assert table.set_index(["method", "labeled_ids"]).loc[("unet_ls", "lab,u1"), "dice_mean"] == 0.5
+    kept = table.set_index(["method", "labeled_ids"]).loc[("unet_ls", "lab,u0"), "dice_mean"]
+    assert kept == pytest.approx(df["dice_mean"].iloc[0], rel=1e-5)
+
+
 def test_reg_only_metrics_summarise_default_test_rows_of_the_registration_report(tmp_path):
     rows = [
         ("v", "validation", "brs", True, 1, "blob", 0.1, 9.0, 0.05, 0.2, "ok"),

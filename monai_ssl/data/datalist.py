@@ -37,6 +37,7 @@ __all__ = [
     "group_cases",
     "training_cases",
     "split_cases",
+    "labelable_patients",
     "num_classes",
     "case_seed",
 ]
@@ -184,12 +185,8 @@ def split_cases(
     with ``"unlabeled_only": true`` or without a label always go to ``unlabeled``; every other patient not
     picked goes there too. Counts are drawn, after explicit ids, from a seeded shuffle of the sorted patients.
     """
-    patients: dict[str, list[dict[str, Any]]] = {}
-    for case in cases:
-        patients.setdefault(str(case.get("patient_id", case["case_id"])), []).append(dict(case))
-    eligible = sorted(
-        p for p, cs in patients.items() if all(c.get("label") and not c.get("unlabeled_only") for c in cs)
-    )
+    patients = _patients(cases)
+    eligible = labelable_patients(cases)
     order = [eligible[i] for i in np.random.default_rng(seed).permutation(len(eligible))]
     taken: set[str] = set()
     chosen: dict[str, list[str]] = {}
@@ -224,6 +221,20 @@ def split_cases(
             groups[group].append(case)
     return groups
 
+
+def _patients(cases: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    patients: dict[str, list[dict[str, Any]]] = {}
+    for case in cases:
+        patients.setdefault(str(case.get("patient_id", case["case_id"])), []).append(dict(case))
+    return patients
+
+
+def labelable_patients(cases: Sequence[dict[str, Any]]) -> list[str]:
+    """Sorted ids of the patients that may be labelled, validation or test: every case has a label and none is
+    ``unlabeled_only``."""
+    return sorted(
+        p for p, cs in _patients(cases).items() if all(c.get("label") and not c.get("unlabeled_only") for c in cs)
+    )
 
 def _patient_of(ident: str, patients: dict[str, list[dict[str, Any]]]) -> str:
     if ident in patients:
