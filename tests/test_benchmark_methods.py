@@ -177,6 +177,10 @@ def test_every_split_trains_each_set_of_added_labelled_patients_once(tmp_path):
     for added in ("u0", "u1"):
         run = tmp_path / "work" / f"labeled_2_{added}" / "unet_ls"
         assert (run / "eval" / "metrics_summary.csv").exists()
+    table = bm.ablation_table(df)  # one row per method: the mean over the labelled sets of a count
+    assert table.index.tolist() == ["unet_ls", "no_such_method"]
+    assert table.loc["unet_ls", (2, "Dice")] == pytest.approx(df["dice_mean"].iloc[[0, 2]].mean())
+    assert table.loc["no_such_method"].isna().all()
     # --append replaces a set's row measured again and keeps the other sets'
     path = bm.write_results(df.iloc[:4], tmp_path / "m.csv")
     again = df.iloc[[2]].assign(dice_mean=0.5)
