@@ -266,7 +266,7 @@ def labeled_splits(datalist: str | os.PathLike, labeled: int, seed: int = 0, eve
 def _splits(datalist: Path, labeled: int, seed: int, every: bool) -> list[list[str]]:
     try:
         return labeled_splits(datalist, labeled, seed, every)
-    except DatalistError:  # too few patients: each row of this count reports it (labeled_datalist raises again)
+    except DatalistError:  # too few patients or no datalist: each row reports it (labeled_datalist raises again)
         return [[]]
 
 
@@ -548,7 +548,10 @@ def benchmark(
     rows = []
     methods = list(dict.fromkeys(methods))  # a method measured twice in one run would make its rows ambiguous
     suffix = "" if settings.labels == "clean" else f"_{settings.labels}"
-    base_labeled = _patient_ids(load_datalist(base), "labeled")
+    try:
+        base_labeled = _patient_ids(load_datalist(base), "labeled")
+    except DatalistError:  # a missing or broken datalist: every row reports it (labeled_datalist raises again)
+        base_labeled = []
     runs = [(n, split) for n in dict.fromkeys(labeled_counts) for split in _splits(base, n, settings.seed, every_split)]
     for n, split in runs:
         dl_path: Path | None = None
