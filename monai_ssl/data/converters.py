@@ -23,7 +23,7 @@ from nibabel.filebasedimages import ImageFileError
 from tqdm import tqdm
 
 from monai_ssl.data.datalist import GROUPS, DatalistError, load_datalist, split_cases, write_datalist
-from monai_ssl.fileio import atomic_path, save_nifti
+from monai_ssl.fileio import save_nifti
 
 __all__ = [
     "ConversionError",

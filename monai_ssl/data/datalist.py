@@ -236,6 +236,7 @@ def labelable_patients(cases: Sequence[dict[str, Any]]) -> list[str]:
         p for p, cs in _patients(cases).items() if all(c.get("label") and not c.get("unlabeled_only") for c in cs)
     )
 
+
 def _patient_of(ident: str, patients: dict[str, list[dict[str, Any]]]) -> str:
     if ident in patients:
         return ident

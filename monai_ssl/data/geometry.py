@@ -58,6 +58,6 @@ def check_slice_axis(affine: np.ndarray, name: str) -> list[str]:
     spacing = voxel_spacing(affine)
     return [
         f"{name}: its low-resolution axis (array axis {low}, {spacing[low]:.3g} mm, finest {spacing.min():.3g} mm) "
-        f"runs {direction}: a {plane} stack. The 2D pipeline cuts axial slices and would resample across the thick axis; "
-        "reslice the volume to axial slices, or train 3D patches (--spatial_dims 3)"
+        f"runs {direction}: a {plane} stack. The 2D pipeline cuts axial slices and would resample across the thick "
+        "axis; reslice the volume to axial slices, or train 3D patches (--spatial_dims 3)"
     ]

@@ -28,10 +28,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from monai_ssl.data.geometry import slice_axis
 from monai_ssl.data.datalist import case_seed, load_datalist, write_datalist
+from monai_ssl.data.geometry import slice_axis
 from monai_ssl.data.validation import volume_array
-from monai_ssl.fileio import atomic_path, save_nifti
+from monai_ssl.fileio import save_nifti
 
 __all__ = ["noisy_label", "boundary_mask", "write_noisy_datalist", "NOISE_DEFAULTS"]
 

@@ -31,10 +31,10 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
-from monai_ssl.data.geometry import slice_axis
 from monai_ssl.data.datalist import GROUPS, case_seed, load_datalist, write_datalist
+from monai_ssl.data.geometry import slice_axis
 from monai_ssl.data.validation import volume_array
-from monai_ssl.fileio import atomic_path, save_nifti
+from monai_ssl.fileio import save_nifti
 
 __all__ = [
     "IGNORE_INDEX",

@@ -104,8 +104,8 @@ def extract_slice(
     """Cut slice ``index`` (last spatial axis) out of a channel-first volume dict.
 
     ``context`` (odd) neighbouring slices become channels, clamped at the volume's ends. The 2D image,
-    labels and probability maps (:data:`PROBABILITY_KEYS`) get an identity affine, so later MONAI spatial transforms record exactly the in-plane mapping;
-    the slice's 3D placement goes to ``slice_base_affine``.
+    labels and probability maps (:data:`PROBABILITY_KEYS`) get an identity affine, so later MONAI spatial
+    transforms record exactly the in-plane mapping; the slice's 3D placement goes to ``slice_base_affine``.
     """
     image = volume[IMAGE_KEY]
     depth = image.shape[-1]
@@ -135,8 +135,8 @@ class ForegroundSampler(Randomizable):
 
     Voxel indices are listed once per volume with MONAI's ``map_classes_to_indices``, at most
     ``max_per_class`` per class and volume (MONAI's evenly spaced subsample of them, deterministic; nnU-Net
-    also caches a capped list of class locations), so a draw costs a few random numbers. Classes outside ``[1, num_classes)`` (e.g. 255, unannotated scribble
-    pixels) are never centres.
+    also caches a capped list of class locations), so a draw costs a few random numbers. Classes outside
+    ``[1, num_classes)`` (e.g. 255, unannotated scribble pixels) are never centres.
 
     Args:
         volumes: preprocessed channel-first volume dicts.
