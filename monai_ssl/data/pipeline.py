@@ -3,15 +3,17 @@
 ``training_datasets`` gives the labelled and unlabelled sample datasets: 2D (2.5D) augmented slices for
 ``spatial_dims=2``, random 3D patches for ``spatial_dims=3``. Unlabelled cases never carry their ``label``;
 they carry ``reg_label`` (the registered label) when registered labels are given, and ``reg_prob`` (the fused
-class probabilities, soft RSL targets) when registered probabilities are given.
+class probabilities, soft RSL targets) when registered probabilities are given. With ``transductive_priors`` the
+validation and test images join the unlabelled cases, their registration priors standing in for registered labels.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
+
+from monai.transforms import Compose
 
 from monai_ssl.data.datalist import group_cases, load_datalist, num_classes
 from monai_ssl.data.slices import ForegroundSampler, PatchDataset, SliceDataset, VolumeDataset
@@ -19,6 +21,7 @@ from monai_ssl.data.transforms import (
     DEFAULT_FLIP_AXES,
     DEFAULT_PIXDIM,
     IMAGE_KEY,
+    LabelFromProbabilitiesd,
     PixelToWorldd,
     intensity_augmentations,
     slice_augmentations,
@@ -30,6 +33,7 @@ from registration.layout import Layout
 
 __all__ = [
     "training_datasets",
+    "transductive_cases",
     "evaluation_dataset",
     "attach_registered_labels",
     "attach_priors",
@@ -99,6 +103,22 @@ def attach_priors(cases: Sequence[dict[str, Any]], priors: Mapping[str, str] | N
     return attach_registered_labels(cases, priors, PROBABILITY_KEYS[0], hint)
 
 
+def transductive_cases(
+    datalist: str | os.PathLike | Mapping[str, Any],
+    priors: Mapping[str, str] | None,
+    groups: Sequence[str] = ("validation", "test"),
+) -> list[dict[str, Any]]:
+    """The images of the evaluation ``groups`` as unlabelled training cases: their labels dropped, their
+    registration priors attached (``reg_prob``; None: images only, for methods without registered labels).
+
+    Transductive training: the user's case of labelling one volume of a folder and segmenting the rest, where the
+    network sees the contrast of the very volumes it must segment. No evaluation label is read.
+    """
+    dl = _datalist(datalist)
+    cases = [{k: v for k, v in c.items() if k != "label"} for g in groups for c in group_cases(dl, g)]
+    return attach_priors(cases, priors)
+
+
 def registered_probabilities(registration_dir: str | os.PathLike, kind: str = "affine") -> dict[str, str]:
     """case_id -> fused class-probability map (4D NIfTI) of every unlabelled case, for soft RSL targets."""
     return registered_labels(registration_dir, kind, "registered_probabilities")
@@ -135,6 +155,7 @@ def training_datasets(
     flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
     intensity_prob: float = 0.0,
     seed: int = 0,
+    transductive_priors: Mapping[str, str] | None = None,
 ) -> tuple[SliceDataset | PatchDataset, SliceDataset | PatchDataset]:
     """Labelled and unlabelled training samples of a datalist.
 
@@ -158,6 +179,9 @@ def training_datasets(
         intensity_prob: probability of each random-contrast transform on every sample, labelled and unlabelled
             (:func:`~monai_ssl.data.transforms.intensity_augmentations`; 0: off).
         seed: seed of the class-balanced voxel lists.
+        transductive_priors: case_id -> registration prior of every validation and test case: their images join
+            the unlabelled cases (:func:`transductive_cases`), the prior's argmax as registered label (its
+            probabilities kept as ``reg_prob`` when ``registered_probabilities`` is given). None: inductive.
     """
     dl = _datalist(datalist)
     if ignore_index is None:
@@ -175,6 +199,9 @@ def training_datasets(
     labeled_cases = group_cases(dl, "labeled")
     unlabeled_cases = attach_registered_labels(group_cases(dl, "unlabeled"), registered_labels)
     unlabeled_cases = attach_registered_labels(unlabeled_cases, registered_probabilities, PROBABILITY_KEYS[0])
+    if transductive_priors is not None:
+        unlabeled_cases += transductive_cases(dl, transductive_priors if registered_labels is not None else None)
+    unl_tf = Compose([vol_tf, LabelFromProbabilitiesd(keep=registered_probabilities is not None)])
     if not labeled_cases:
         raise InputError(f"{dl.get('datalist_path', 'datalist')}: no labelled case to train on")
     if spatial_dims not in (2, 3):
@@ -183,7 +210,7 @@ def training_datasets(
         raise ValueError("context slices are a 2D option; use context=1 with spatial_dims=3")
     out = []
     groups = ((labeled_cases, lab_tf, foreground_fraction, "label"),
-              (unlabeled_cases, vol_tf, unlabeled_foreground_fraction, "reg_label"))  # fmt: skip
+              (unlabeled_cases, unl_tf, unlabeled_foreground_fraction, "reg_label"))  # fmt: skip
     for cases, preprocess, fraction, key in groups:
         volumes = VolumeDataset(cases, preprocess, num_workers=cache_num_workers, progress=False) if cases else []
         sampler = ForegroundSampler(volumes, fraction, key, n_classes, seed=seed) if fraction > 0 else None
@@ -194,7 +221,13 @@ def training_datasets(
             tf = slice_augmentations(patch_size, **aug) + [PixelToWorldd()]
             out.append(SliceDataset(volumes, tf, context=context, foreground=sampler))
         else:
-            out.append(PatchDataset(volumes, patch_augmentations(patch_size, flip_axes=flip_axes, intensity_prob=intensity_prob), sampler))
+            out.append(
+                PatchDataset(
+                    volumes,
+                    patch_augmentations(patch_size, flip_axes=flip_axes, intensity_prob=intensity_prob),
+                    sampler,
+                )
+            )
     return out[0], out[1]
 
 

@@ -30,8 +30,8 @@ from monai.transforms import (
     RandSpatialCropd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
-    SpatialCropd,
     Spacingd,
+    SpatialCropd,
     SpatialPadd,
     Transform,
 )
@@ -51,6 +51,7 @@ from monai_ssl.data.validation import (
 __all__ = [
     "CheckVolumed",
     "CropAroundCentred",
+    "LabelFromProbabilitiesd",
     "PixelToWorldd",
     "volume_transforms",
     "slice_augmentations",
@@ -137,6 +138,26 @@ class CheckVolumed(MapTransform):
         return d
 
 
+class LabelFromProbabilitiesd(MapTransform):
+    """Give a case that has class probabilities but no ``label_key`` the probabilities' argmax (uint8) as that
+    label, and drop the probabilities unless ``keep``: a volume with only a registration prior then trains like
+    one with a registered label. (MONAI's ``AsDiscreted`` overwrites its input and cannot fill only missing keys.)
+    """
+
+    def __init__(self, probability_key: str = PROBABILITY_KEYS[0], label_key: str = LABEL_KEYS[1], keep: bool = False):
+        super().__init__(probability_key)
+        self.probability_key, self.label_key, self.keep = probability_key, label_key, keep
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.probability_key not in d or self.label_key in d:
+            return d
+        d[self.label_key] = torch.as_tensor(d[self.probability_key]).argmax(dim=0, keepdim=True).to(torch.uint8)
+        if not self.keep:
+            del d[self.probability_key]
+        return d
+
+
 def volume_transforms(
     modality: str = "MR",
     pixdim: Sequence[float] = DEFAULT_PIXDIM,
@@ -173,7 +194,11 @@ def volume_transforms(
             LoadImaged(keys, reader=reader, image_only=True, allow_missing_keys=True),
             EnsureChannelFirstd(keys, allow_missing_keys=True),
             CheckVolumed(
-                IMAGE_KEY, label_keys, num_classes, ignore_index=ignore_index, probability_keys=probability_keys,
+                IMAGE_KEY,
+                label_keys,
+                num_classes,
+                ignore_index=ignore_index,
+                probability_keys=probability_keys,
                 slices=slices,
             ),  # fmt: skip
             Orientationd(keys, axcodes=axcodes, labels=RAS_LABELS, allow_missing_keys=True),
@@ -220,9 +245,7 @@ class CropAroundCentred(Randomizable, MapTransform):
         n = len(self.roi_size)
         to_pixels = np.linalg.inv(np.asarray(ref.affine, dtype=np.float64))
         pixel = (to_pixels @ np.append(np.asarray(centre, dtype=np.float64), 1.0))[:n]
-        centres = correct_crop_centers(
-            [int(round(c)) for c in pixel], self.roi_size, ref.shape[1:], allow_smaller=True
-        )
+        centres = correct_crop_centers([int(round(c)) for c in pixel], self.roi_size, ref.shape[1:], allow_smaller=True)
         centre_px = [int(c) for c in centres]
         return SpatialCropd(self.keys, roi_center=centre_px, roi_size=self.roi_size, allow_missing_keys=True)(d)
 
