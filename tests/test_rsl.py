@@ -1,13 +1,22 @@
 """Registration supervision: registered labels reach unlabelled slices through the same augmentation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from monai_ssl.data.datalist import write_datalist
-from monai_ssl.data.pipeline import registered_labels, registered_probabilities, training_datasets
+from monai_ssl.data.pipeline import (
+    registered_labels,
+    registered_probabilities,
+    registration_priors,
+    training_datasets,
+    transductive_cases,
+)
+from monai_ssl.data.transforms import LabelFromProbabilitiesd
 from monai_ssl.data.validation import InputError
 from monai_ssl.losses.terms import RegistrationSupervisionTerm, StepContext, SupervisedTerm
 from tests.conftest import write_nifti
@@ -137,3 +146,60 @@ def test_soft_rsl_with_one_hot_targets_equals_hard_rsl_and_needs_fusion(tmp_path
     (tmp_path / "affine" / "brs.json").write_text(json.dumps(brs))
     with pytest.raises(InputError, match="soft RSL targets need label fusion"):
         registered_probabilities(tmp_path, "affine")
+
+
+def test_transductive_cases_train_on_evaluation_images_with_their_priors_argmax(tmp_path):
+    """With ``transductive_priors`` the validation and test images join the unlabelled volumes: no evaluation
+    label is loaded (each label file holds a class the prior never has), the registered label is the prior's
+    argmax on the same grid, and every volume carries the same keys, so batches of mixed cases collate."""
+    dl_path, reg = dataset_with_registered_label(tmp_path)
+    dl = json.loads(Path(dl_path).read_text())
+    rng = np.random.default_rng(4)
+    priors = {}
+    for cid, group in (("v", "validation"), ("t", "test")):
+        probs = rng.dirichlet(np.ones(3), reg.shape).astype(np.float32)  # [i, j, k, c]
+        path = write_nifti(tmp_path / "reg" / "affine" / "priors" / f"{cid}.nii.gz", probs, AFF)
+        priors[cid] = (path, probs.argmax(-1))
+        image = write_nifti(tmp_path / f"{cid}.nii.gz", rng.normal(size=reg.shape).astype(np.float32), AFF)
+        truth = write_nifti(tmp_path / f"{cid}_gt.nii.gz", np.full(reg.shape, 2, np.uint8), AFF, np.uint8)
+        dl[group] = [{"case_id": cid, "image": image, "label": truth}]
+    brs = json.loads((tmp_path / "reg" / "affine" / "brs.json").read_text())
+    brs["priors"] = {cid: {"prior": f"priors/{cid}.nii.gz"} for cid in priors}
+    (tmp_path / "reg" / "affine" / "brs.json").write_text(json.dumps(brs))
+    dl = write_datalist(dl, tmp_path / "dl_td.json")
+    labels, prior_paths = registered_labels(tmp_path / "reg"), registration_priors(tmp_path / "reg")
+    assert [c["case_id"] for c in transductive_cases(dl, prior_paths)] == ["v", "t"]
+
+    _, unl = training_datasets(
+        dl, (16, 16), pixdim=(-1, -1, -1), registered_labels=labels, transductive_priors=prior_paths
+    )
+    volumes = {unl.volumes[i]["case_id"]: unl.volumes[i] for i in range(len(unl.volumes))}
+    assert sorted(volumes) == ["t", "u", "v"]
+    assert {frozenset(k for k in v if not k.endswith("_dict")) for v in volumes.values()} == {
+        frozenset({"case_id", "group", "image", "patient_id", "reg_label"})
+    }
+    for cid, (_, argmax) in priors.items():
+        got = volumes[cid]["reg_label"]
+        assert got.dtype == torch.uint8 and (got[0].numpy() == argmax).all()
+        np.testing.assert_allclose(got.affine, volumes[cid]["image"].affine)
+    # methods without registered labels get the images alone
+    _, images_only = training_datasets(dl, (16, 16), pixdim=(-1, -1, -1), transductive_priors=prior_paths)
+    image_keys = [set(images_only.volumes[i]) for i in range(len(images_only.volumes))]
+    assert len(image_keys) == 3 and all("image" in k and not k & {"label", "reg_label", "reg_prob"} for k in image_keys)
+    # a stale registration without a test prior fails naming the case, rather than training without it
+    with pytest.raises(InputError, match="case.s. t: no registration prior"):
+        training_datasets(
+            dl, (16, 16), pixdim=(-1, -1, -1), registered_labels=labels, transductive_priors={"v": priors["v"][0]}
+        )
+
+
+def test_label_from_probabilities_fills_only_missing_labels():
+    probs = MetaTensor(
+        torch.tensor([[[0.2, 0.7]], [[0.8, 0.3]]]), affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))
+    )
+    kept = LabelFromProbabilitiesd(keep=True)({"reg_prob": probs})
+    assert kept["reg_label"].tolist() == [[[1, 0]]] and kept["reg_prob"] is probs
+    assert torch.equal(kept["reg_label"].affine, probs.affine)
+    assert "reg_prob" not in LabelFromProbabilitiesd()({"reg_prob": probs})
+    own = torch.zeros(1, 1, 2, dtype=torch.uint8)
+    assert LabelFromProbabilitiesd()({"reg_prob": probs, "reg_label": own})["reg_label"] is own
