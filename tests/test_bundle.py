@@ -422,3 +422,23 @@ def test_training_with_a_corrupt_label_ends_with_the_file_and_the_problem(tmp_pa
     assert res.returncode != 0 and last.startswith("error: ") and "lab_seg.nii.gz" in last, last
     models = out / "unet_ls" / "models"
     assert not models.exists() or not list(models.glob("*.pt"))  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("value", [False, "false", "False", True, "true", "True"])
+def test_transductive_key_reads_every_boolean_spelling(tiny_registered, value):
+    """``--transductive false`` reaches the config as the string "false", which is truthy: the key must parse it,
+    and when on, priors come for exactly the validation and test cases (never the labelled ones)."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    datalist = tiny_registered / "data" / "datalist.json"
+    parser = ConfigParser()
+    parser.read_config(configs("train.json"))
+    parser.update({"datalist": str(datalist), "registration_dir": str(tiny_registered / "reg"), "transductive": value})
+    priors = parser.get_parsed_content("transductive_priors")
+    if str(value).lower() == "false":
+        assert priors is None
+    else:
+        dl = json.loads(datalist.read_text())
+        assert sorted(priors) == sorted(c["case_id"] for g in ("validation", "test") for c in dl.get(g, []))

@@ -24,6 +24,7 @@ __all__ = [
     "ProgressBar",
     "ValidationScalars",
     "close_summary_writers",
+    "flag",
     "latest_checkpoint",
     "summary_writer",
 ]
@@ -44,7 +45,7 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint_ite
     return max(found)[1] if found else None
 
 
-def _flag(value: bool | str) -> bool:
+def flag(value: bool | str) -> bool:
     """Booleans from configs and command lines (``--resume false`` arrives as the string ``"false"``)."""
     if isinstance(value, str):
         if value.strip().lower() in ("1", "true", "yes", "on"):
@@ -79,7 +80,7 @@ class ResumableCheckpointHandler:
         save: bool = True,
     ):
         self.ckpt_dir, self.save_dict, self.interval = Path(ckpt_dir), dict(save_dict), int(interval)
-        self.resume, self.n_saved, self.save = _flag(resume), n_saved, _flag(save)
+        self.resume, self.n_saved, self.save = flag(resume), n_saved, flag(save)
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
@@ -306,7 +307,7 @@ class ProgressBar:
     at every validation interval, hence this one."""
 
     def __init__(self, desc: str = "training", unit: str = "it", enabled: bool | str = True):
-        self.desc, self.unit, self.enabled = desc, unit, _flag(enabled)
+        self.desc, self.unit, self.enabled = desc, unit, flag(enabled)
         self.bar = None
 
     def attach(self, engine: Engine) -> None:
