@@ -43,10 +43,9 @@ REG_KIND ?= bspline
 DEMO_TRANSDUCTIVE ?= True
 BUNDLE_ARGS = --dataset_dir $(DEMO_DIR) --registration_dir $(REG_DIR) --registration_kind $(REG_KIND) --output_root $(OUT_ROOT)
 
-# The main job end to end on the embedded demo data: about 10.5 minutes on 2 idle CPU cores from a fresh clone
-# (dataset 0.5 min, affine and B-spline registration about 2 min, 500 CCT-R iterations about 6.5 min, evaluation
-# and inference under 1 min; 7 min 55 s measured with dataset and registration cached; 8 min 15 s from a fresh
-# clone with a warm pip cache, session 10).
+# The main job end to end on the embedded demo data: 12-12.5 minutes on 2 CPU cores from a fresh clone without the
+# install (dataset and affine and B-spline registration about 3.5 min, 500 transductive CCT-R iterations about
+# 8 min, evaluation and inference under 1 min; session 14), plus about 1.7 min installing.
 demo: install
 	@echo "== 1/6 demo dataset (real donor anatomy, synthetic MR) =="
 	$(PY) -m monai_ssl.demo --out $(DEMO_DIR) --seed $(SEED)
