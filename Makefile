@@ -43,9 +43,9 @@ REG_KIND ?= bspline
 DEMO_TRANSDUCTIVE ?= True
 BUNDLE_ARGS = --dataset_dir $(DEMO_DIR) --registration_dir $(REG_DIR) --registration_kind $(REG_KIND) --output_root $(OUT_ROOT)
 
-# The main job end to end on the embedded demo data: 12-12.5 minutes on 2 CPU cores from a fresh clone without the
-# install (dataset and affine and B-spline registration about 3.5 min, 500 transductive CCT-R iterations about
-# 8 min, evaluation and inference under 1 min; session 14), plus about 1.7 min installing.
+# The main job end to end on the embedded demo data on 2 CPU cores from a fresh clone: 10 min 39 s with the full
+# install (session 15); 12-12.5 min without it while other jobs shared the cores (session 14). Dataset and affine and
+# B-spline registration about 3.5 min, 500 transductive CCT-R iterations 6-8 min, evaluation and inference under 1 min.
 demo: install
 	@echo "== 1/6 demo dataset (real donor anatomy, synthetic MR) =="
 	$(PY) -m monai_ssl.demo --out $(DEMO_DIR) --seed $(SEED)
