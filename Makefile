@@ -45,7 +45,8 @@ BUNDLE_ARGS = --dataset_dir $(DEMO_DIR) --registration_dir $(REG_DIR) --registra
 
 # The main job end to end on the embedded demo data on 2 CPU cores from a fresh clone: 10 min 39 s with the full
 # install (session 15); 12-12.5 min without it while other jobs shared the cores (session 14). Dataset and affine and
-# B-spline registration about 3.5 min, 500 transductive CCT-R iterations 6-8 min, evaluation and inference under 1 min.
+# B-spline registration about 3.5 min, 500 transductive CCT-R iterations about 8 min when the cores were shared
+# (session 14), evaluation and inference under 1 min.
 demo: install
 	@echo "== 1/6 demo dataset (real donor anatomy, synthetic MR) =="
 	$(PY) -m monai_ssl.demo --out $(DEMO_DIR) --seed $(SEED)
